@@ -1,0 +1,43 @@
+"""Atomic file writes: a temporary file in the same folder, fsync, then rename.
+
+A reader (or a crash) sees either the old file or the new one, never half of one. If the disk is
+full the old file is left untouched and the error names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import UserError
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a result file should read like any other
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path}: {e.strerror or e} (the previous version, if any, is unchanged)") from e
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    # json writes floats with repr(), which reads back bit-for-bit.
+    write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())

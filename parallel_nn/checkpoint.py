@@ -1,0 +1,103 @@
+"""Weights files and checkpoints: JSON, written atomically, validated on the way in.
+
+A weights file is what `--init` and `evaluate` read; a checkpoint adds everything `--resume` needs
+to continue bit-for-bit (optimizer state, position in the run, the partial epoch's sums).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from . import UserError, atomic
+from .network import Model, parameter_count
+
+WEIGHTS_FORMAT = "parallel_nn.weights/1"
+CHECKPOINT_FORMAT = "parallel_nn.checkpoint/1"
+
+
+def weights_json(model: Model) -> dict[str, Any]:
+    layers, k = [], 0
+    for fan_in, fan_out in zip(model.sizes, model.sizes[1:]):
+        W = [model.params[k + j * fan_in : k + (j + 1) * fan_in] for j in range(fan_out)]
+        k += fan_in * fan_out
+        layers.append({"W": W, "b": model.params[k : k + fan_out]})
+        k += fan_out
+    return {"format": WEIGHTS_FORMAT, "layer_sizes": list(model.sizes), "layers": layers}
+
+
+def model_from_json(obj: Any, source: str) -> Model:
+    """A Model from a weights object, or a UserError naming `source` and what is wrong with it."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{source}: {what}")
+
+    if not isinstance(obj, dict) or obj.get("format") != WEIGHTS_FORMAT:
+        raise bad(f"not a parallel_nn weights file (expected \"format\": \"{WEIGHTS_FORMAT}\")")
+    sizes = obj.get("layer_sizes")
+    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(s, int) and s > 0 for s in sizes)):
+        raise bad("layer_sizes must be a list of at least two positive integers")
+    layers = obj.get("layers")
+    if not isinstance(layers, list) or len(layers) != len(sizes) - 1:
+        raise bad(f"expected {len(sizes) - 1} layers for layer_sizes {sizes}")
+    params: list[float] = []
+    for n, (layer, fan_in, fan_out) in enumerate(zip(layers, sizes, sizes[1:])):
+        W, b = (layer.get("W"), layer.get("b")) if isinstance(layer, dict) else (None, None)
+        if not (isinstance(W, list) and len(W) == fan_out and all(isinstance(r, list) and len(r) == fan_in for r in W)):
+            raise bad(f"layer {n}: W must be {fan_out} rows of {fan_in} numbers")
+        if not (isinstance(b, list) and len(b) == fan_out):
+            raise bad(f"layer {n}: b must have {fan_out} numbers")
+        for row in W:
+            params.extend(row)
+        params.extend(b)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in params):
+        raise bad("weights must be finite numbers")
+    return Model(list(sizes), [float(v) for v in params])
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}): truncated or corrupt {what}") from e
+
+
+def load_model(path: str | Path) -> Model:
+    """A weights file, a checkpoint, or a run directory (its weights.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "weights.json"
+    obj = read_json(path, "weights file")
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj.get("weights")
+    return model_from_json(obj, str(path))
+
+
+def save_model(path: str | Path, model: Model) -> None:
+    atomic.write_json(path, weights_json(model))
+
+
+def save_checkpoint(path: str | Path, model: Model, state: dict[str, Any]) -> None:
+    atomic.write_json(path, {"format": CHECKPOINT_FORMAT, "weights": weights_json(model), **state})
+
+
+def load_checkpoint(path: str | Path) -> tuple[Model, dict[str, Any]]:
+    path = Path(path)
+    obj = read_json(path, "checkpoint")
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a parallel_nn checkpoint (expected \"format\": \"{CHECKPOINT_FORMAT}\")")
+    model = model_from_json(obj.get("weights"), str(path))
+    for key in ("config", "epoch", "step", "optimizer", "partial"):
+        if key not in obj:
+            raise UserError(f"{path}: checkpoint lacks {key!r} (corrupt)")
+    if len(model.params) != parameter_count(model.sizes):
+        raise UserError(f"{path}: weights do not match their layer sizes")
+    return model, obj

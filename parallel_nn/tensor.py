@@ -1,0 +1,189 @@
+"""Tensor2D: matrices as lists of rows of floats, and the kernels the network is built from.
+
+Two kinds of code live here. The small broadcasting ops (add, sub, mul, div, matmul) are the
+readable vocabulary of the original program. The kernels the training step runs are written
+around one fact: in CPython a loop is slow and a C-level call is fast, so every inner loop is a
+dot product done by `math.sumprod` (Python >= 3.12) or `sum(map(mul, a, b))`, and nothing is
+re-transposed or recomputed per example.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from itertools import compress
+from operator import itemgetter, mul
+from typing import Callable, Sequence, Union
+
+Vector = list[float]
+Tensor2D = list[list[float]]
+Operand = Union[float, Tensor2D]
+
+if hasattr(math, "sumprod"):  # Python >= 3.12: one C call, about 3x faster
+    dot = math.sumprod
+else:
+
+    def dot(a: Sequence[float], b: Sequence[float]) -> float:
+        """sum_i a[i] * b[i]"""
+        return sum(map(mul, a, b))
+
+
+# ---- the readable vocabulary (broadcasting like numpy, for scalars, rows and columns) ----
+
+
+def shape(A: Tensor2D) -> tuple[int, int]:
+    return len(A), len(A[0]) if A else 0
+
+
+def transpose(A: Tensor2D) -> Tensor2D:
+    return [list(column) for column in zip(*A)]
+
+
+def _broadcast(B: Operand, rows: int, cols: int) -> Tensor2D:
+    """B as a rows x cols matrix: a scalar, a 1 x cols row, a rows x 1 column, or already full."""
+    if isinstance(B, (int, float)):
+        return [[float(B)] * cols for _ in range(rows)]
+    b_rows, b_cols = shape(B)
+    if (b_rows, b_cols) == (rows, cols):
+        return B
+    if b_rows == 1 and b_cols == cols:
+        return [B[0]] * rows
+    if b_cols == 1 and b_rows == rows:
+        return [[row[0]] * cols for row in B]
+    raise ValueError(f"cannot broadcast a {b_rows}x{b_cols} matrix to {rows}x{cols}")
+
+
+def _elementwise(op: Callable[[float, float], float]) -> Callable[[Operand, Operand], Tensor2D]:
+    def apply(A: Operand, B: Operand) -> Tensor2D:
+        if isinstance(A, (int, float)):  # scalar on the left: broadcast it against B
+            rows, cols = shape(B)
+            A = _broadcast(A, rows, cols)
+        rows, cols = shape(A)
+        B = _broadcast(B, rows, cols)
+        return [list(map(op, a, b)) for a, b in zip(A, B)]
+
+    return apply
+
+
+add = _elementwise(operator.add)
+sub = _elementwise(operator.sub)
+mul_elementwise = _elementwise(operator.mul)
+div = _elementwise(operator.truediv)
+
+
+def matmul(A: Tensor2D, B: Tensor2D) -> Tensor2D:
+    """C[n][m] = sum_k A[n][k] * B[k][m], with B's columns transposed once, not per row."""
+    if A and B and len(A[0]) != len(B):
+        raise ValueError(f"matmul: {shape(A)} x {shape(B)}")
+    return matmul_bt(A, transpose(B))
+
+
+def matmul_bt(A: Tensor2D, BT: Tensor2D) -> Tensor2D:
+    """C[n][m] = sum_k A[n][k] * BT[m][k]: A times B-transposed, each entry one dot product.
+
+    This is a linear layer's shape: with W stored as fan_out rows of fan_in, Z = A W^T.
+    """
+    return [[dot(a, b) for b in BT] for a in A]
+
+
+# ---- the training kernels ----
+
+
+def linear(A: Tensor2D, W: Tensor2D, b: Vector) -> Tensor2D:
+    """Z[n][j] = sum_i A[n][i] * W[j][i] + b[j]"""
+    return [[dot(a, w) + bj for w, bj in zip(W, b)] for a in A]
+
+
+def relu(Z: Tensor2D) -> Tensor2D:
+    return [[z if z > 0.0 else 0.0 for z in row] for row in Z]
+
+
+def relu_backward(dA: Tensor2D, Z: Tensor2D) -> Tensor2D:
+    """dZ = dA where Z > 0, else 0 (the derivative at exactly 0 is taken as 0)."""
+    return [[d if z > 0.0 else 0.0 for d, z in zip(da, zs)] for da, zs in zip(dA, Z)]
+
+
+def weight_grad(dZ: Tensor2D, A: Tensor2D) -> Tensor2D:
+    """dW[j][i] = sum_n dZ[n][j] * A[n][i]: dot products over the batch, both sides transposed once."""
+    AT = list(zip(*A))
+    return [[dot(dz, a) for a in AT] for dz in zip(*dZ)]
+
+
+def column_sums(dZ: Tensor2D) -> Vector:
+    """db[j] = sum_n dZ[n][j]"""
+    return [sum(column) for column in zip(*dZ)]
+
+
+def _gatherer(indices: list[int]) -> Callable[[Sequence[float]], Sequence[float]]:
+    """A C-speed `lambda seq: [seq[i] for i in indices]` (itemgetter returns a bare item for one index)."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda seq: (seq[only],)
+    return itemgetter(*indices)
+
+
+class SparseMatrix:
+    """A batch of uint8 rows, decoded lazily into only the non-zero entries.
+
+    MNIST images are ~81% zeros, so the first layer touches ~150 of 784 pixels per image. The raw
+    bytes stay bytes (the cheapest representation to ship and store); `rows` and `columns` are the
+    two sparse views the forward and backward passes need, built with C-level `compress`.
+    """
+
+    def __init__(self, raw: bytes, width: int, table: Sequence[float]):
+        if width <= 0 or len(raw) % width:
+            raise ValueError(f"{len(raw)} bytes do not make rows of {width}")
+        self.raw, self.width, self.table = bytes(raw), width, table
+        self.height = len(raw) // width
+        self._rows: list[tuple[list[int], Vector]] | None = None
+        self._columns: list[tuple[int, list[int], Vector]] | None = None
+
+    @property
+    def rows(self) -> list[tuple[list[int], Vector]]:
+        """Per row n: (the columns i where X[n][i] != 0, those values)."""
+        if self._rows is None:
+            positions, decode, raw, w = range(self.width), self.table.__getitem__, self.raw, self.width
+            self._rows = []
+            for start in range(0, len(raw), w):
+                row = raw[start : start + w]
+                self._rows.append((list(compress(positions, row)), list(map(decode, compress(row, row)))))
+        return self._rows
+
+    @property
+    def columns(self) -> list[tuple[int, list[int], Vector]]:
+        """Per column i with any non-zero: (i, the rows n where X[n][i] != 0, those values)."""
+        if self._columns is None:
+            positions, decode, raw, w = range(self.height), self.table.__getitem__, self.raw, self.width
+            self._columns = []
+            for i in range(w):
+                column = raw[i::w]  # a strided bytes slice: one C call per column
+                if any(column):
+                    self._columns.append((i, list(compress(positions, column)), list(map(decode, compress(column, column)))))
+        return self._columns
+
+    def dense(self) -> Tensor2D:
+        decode = self.table.__getitem__
+        w = self.width
+        return [list(map(decode, self.raw[s : s + w])) for s in range(0, len(self.raw), w)]
+
+
+def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:
+    """Z[n][j] = sum_{i: X[n][i] != 0} X[n][i] * W[j][i] + b[j]"""
+    Z = []
+    for indices, values in X.rows:
+        if not indices:
+            Z.append(list(b))
+            continue
+        gather = _gatherer(indices)
+        Z.append([dot(values, gather(w)) + bj for w, bj in zip(W, b)])
+    return Z
+
+
+def sparse_weight_grad(dZ: Tensor2D, X: SparseMatrix) -> Tensor2D:
+    """dW[j][i] = sum_{n: X[n][i] != 0} dZ[n][j] * X[n][i]; columns of X that are all zero give 0."""
+    dZT = list(zip(*dZ))
+    dWT: list[Sequence[float]] = [(0.0,) * len(dZT)] * X.width
+    for i, rows, values in X.columns:
+        gather = _gatherer(rows)
+        dWT[i] = [dot(values, gather(dz)) for dz in dZT]
+    return [list(row) for row in zip(*dWT)]

@@ -1,0 +1,283 @@
+"""The training run: epochs of data-parallel SGD steps, evaluation, metrics and checkpoints.
+
+A run directory holds config.json, metrics.jsonl (one line per epoch), weights.json (latest) and
+checkpoint.json (enough to resume bit-for-bit). Ctrl-C or SIGTERM does not interrupt a step: it
+sets a flag, the step in flight completes, a checkpoint is written, and the run exits with 130.
+A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import psutil
+
+from . import UserError, atomic, mnist
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from .network import Model, he_init, layer_sizes
+from .optim import DEFAULT_LR, Optimizer, learning_rate
+from .parallel import Engine, WorkerCrashed
+
+
+@dataclass
+class Config:
+    """Every setting of a run, resolved; saved as config.json and inside each checkpoint."""
+
+    workers: int = 1
+    epochs: int = 10
+    batch_size: int = 500
+    hidden: list[int] = field(default_factory=lambda: [32, 32])
+    optimizer: str = "momentum"
+    lr: Optional[float] = None  # None: DEFAULT_LR[optimizer]
+    lr_schedule: str = "step"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    data_dir: str = "datasets/mnist"
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    shuffle: bool = True
+    run_dir: Optional[str] = None  # None: runs/<timestamp>
+    init: Optional[str] = None
+    start_method: Optional[str] = None  # None: the platform's default
+    quiet: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resolved_lr(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+
+class Interrupted(Exception):
+    """The run was stopped by Ctrl-C or SIGTERM after saving a checkpoint."""
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag checked between steps; a second signal raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Progress:
+    """A live line on a terminal (stderr); nothing between epochs otherwise; silent with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.live = not quiet and sys.stderr.isatty()
+        self.quiet = quiet
+        self.last = 0.0
+
+    def step(self, epoch: int, epochs: int, done: int, total: int, seen: int, seconds: float, loss: float) -> None:
+        now = time.monotonic()
+        if not self.live or (now - self.last < 0.2 and done < total):
+            return
+        self.last = now
+        rate = seen / seconds if seconds > 0 else 0.0
+        eta = (total - done) * seconds / max(1, done)
+        sys.stderr.write(f"\repoch {epoch}/{epochs} [{done:>4}/{total}] {rate:7,.0f} ex/s  loss {loss:.4f}  ETA {eta:4.0f}s ")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.live:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            self.clear()
+            print(message, flush=True)
+
+
+def tree_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in [os.getpid(), *pids]:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def tree_pss_mb(pids: list[int]) -> Optional[float]:
+    """Proportional set size of the process tree (shared pages split between their users), Linux only."""
+    total = 0
+    for pid in [os.getpid(), *pids]:
+        try:
+            total += getattr(psutil.Process(pid).memory_full_info(), "pss")
+        except (psutil.Error, AttributeError):
+            return None
+    return total / 2**20
+
+
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The example order of one epoch: a pure function of (seed, epoch), so resume needs no RNG state."""
+    order = list(range(count))
+    if shuffle:
+        random.Random(f"parallel_nn/shuffle/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def _timestamp_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def prepare(config: Config, resume: Optional[str]) -> tuple[Config, Model, Optional[dict]]:
+    """Resolve a fresh run or a resumed one into (config, starting model, checkpoint or None)."""
+    if resume:
+        model, checkpoint = load_checkpoint(Path(resume) / "checkpoint.json")
+        saved = Config.from_dict(checkpoint["config"])
+        # What may change on resume: how it runs, not what it computes (except extending --epochs).
+        for key in ("workers", "start_method", "quiet"):
+            setattr(saved, key, getattr(config, key))
+        saved.epochs = max(saved.epochs, config.epochs) if config.epochs else saved.epochs
+        saved.run_dir = str(resume)
+        return saved, model, checkpoint
+    sizes = layer_sizes(mnist.PIXELS, config.hidden, mnist.CLASSES)
+    if config.init:
+        model = load_model(config.init)
+        if model.sizes != sizes:
+            raise UserError(f"{config.init} has layer sizes {model.sizes}, but --hidden gives {sizes}; "
+                            f"pass --hidden {','.join(map(str, model.sizes[1:-1]))}")
+    else:
+        model = Model(sizes, he_init(sizes, config.seed))
+    config.run_dir = config.run_dir or _timestamp_dir()
+    return config, model, None
+
+
+def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callable[[int, int], None]] = None) -> list[dict]:
+    """Run (or resume) training; returns the metrics of every epoch. `on_step(epoch, step)` is for tests."""
+    config, model, checkpoint = prepare(config, resume)
+    progress = Progress(config.quiet)
+    train_set, test_set = mnist.load(config.data_dir)
+    train_set, test_set = train_set.limit(config.limit_train), test_set.limit(config.limit_test)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(run_dir / "config.json", asdict(config), indent=2)
+
+    optimizer = Optimizer(config.optimizer, len(model.params), momentum=config.momentum, weight_decay=config.weight_decay)
+    epoch, step, partial, history = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "serial": 0.0}, []
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        epoch, step, partial, history = checkpoint["epoch"], checkpoint["step"], checkpoint["partial"], checkpoint.get("metrics", [])
+        progress.say(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
+    progress.say(f"config: {json.dumps(asdict(config))}")
+    lr = config.resolved_lr()
+    params = model.params
+    steps_per_epoch = -(-train_set.count // config.batch_size)
+
+    def save(at_epoch: int, at_step: int, sums: dict) -> None:
+        now = Model(model.sizes, params)
+        save_model(run_dir / "weights.json", now)
+        save_checkpoint(run_dir / "checkpoint.json", now, {
+            "config": asdict(config), "epoch": at_epoch, "step": at_step, "partial": sums,
+            "optimizer": optimizer.state_dict(), "metrics": history})
+
+    with StopFlag() as stop, Engine(model.sizes, train_set, test_set, config.workers, config.start_method,
+                                    warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr))) as engine:
+        engine.set_params(params)
+        peak_rss = tree_rss_mb(engine.worker_pids())
+        while epoch < config.epochs:
+            order = epoch_order(train_set.count, config.seed, epoch, config.shuffle)
+            started = time.perf_counter() - partial["seconds"]
+            engine.dispatch_seconds = engine.combine_seconds = 0.0
+            while step < steps_per_epoch:
+                if stop.requested:
+                    partial["seconds"] = time.perf_counter() - started
+                    save(epoch, step, partial)
+                    progress.say(f"interrupted: saved {run_dir / 'checkpoint.json'} at epoch {epoch + 1}, step {step}; "
+                                 f"continue with --resume {run_dir}")
+                    raise Interrupted
+                batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+                try:
+                    grad_sum, loss, correct = engine.gradient(batch)
+                except WorkerCrashed:
+                    partial["seconds"] = time.perf_counter() - started
+                    save(epoch, step, partial)
+                    raise
+                serial_start = time.perf_counter()
+                scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
+                rate = learning_rate(lr, config.lr_schedule, epoch, step, steps_per_epoch, config.epochs)
+                params = optimizer.step(params, [g * scale for g in grad_sum], rate)
+                engine.set_params(params)
+                partial["serial"] += time.perf_counter() - serial_start
+                partial["loss"] += loss
+                partial["correct"] += correct
+                partial["seen"] += len(batch)
+                step += 1
+                if step % 20 == 0:
+                    peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
+                progress.step(epoch + 1, config.epochs, step, steps_per_epoch, partial["seen"],
+                              time.perf_counter() - started, partial["loss"] / partial["seen"])
+                if on_step:
+                    on_step(epoch, step)
+            seconds = time.perf_counter() - started
+            test_loss, predictions = engine.evaluate()
+            correct_test = sum(p == y for p, y in zip(predictions, test_set.labels))
+            peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
+            serial_ms = 1000 * (partial["serial"] + engine.dispatch_seconds + engine.combine_seconds) / max(1, step)
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": partial["loss"] / partial["seen"],
+                "train_accuracy": partial["correct"] / partial["seen"],
+                "test_loss": test_loss / max(1, test_set.count),
+                "test_accuracy": correct_test / max(1, test_set.count),
+                "epoch_seconds": round(seconds, 3),
+                "examples_per_second": round(partial["seen"] / seconds, 1),
+                "workers": config.workers,
+                "peak_rss_mb": round(peak_rss, 1),
+                "pss_mb": None if (p := tree_pss_mb(engine.worker_pids())) is None else round(p, 1),
+                "serial_ms_per_step": round(serial_ms, 3),
+                "lr": rate,
+            }
+            history.append(metrics)
+            epoch, step = epoch + 1, 0
+            partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "serial": 0.0}
+            atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+            save(epoch, step, partial)
+            progress.say(
+                f"epoch {metrics['epoch']:>2}/{config.epochs}  train loss {metrics['train_loss']:.4f} "
+                f"acc {100 * metrics['train_accuracy']:.2f}%  test loss {metrics['test_loss']:.4f} "
+                f"acc {100 * metrics['test_accuracy']:.2f}%  {seconds:5.1f}s  {metrics['examples_per_second']:,.0f} ex/s  "
+                f"serial {serial_ms:.1f} ms/step  rss {peak_rss:.0f} MB")
+    progress.say(f"saved {run_dir / 'weights.json'}, metrics in {run_dir / 'metrics.jsonl'}")
+    return history
+
+
+def evaluate(weights: str, data_dir: str, workers: int, start_method: Optional[str] = None,
+             limit_test: Optional[int] = None) -> dict[str, Any]:
+    """Test loss, accuracy, confusion matrix (rows: true digit, columns: predicted) and predictions."""
+    model = load_model(weights)
+    test_set = mnist.load_split(data_dir, "t10k").limit(limit_test)
+    empty = mnist.Split(b"", b"", test_set.rows, test_set.cols)
+    with Engine(model.sizes, empty, test_set, workers, start_method) as engine:
+        loss, predictions = engine.evaluate(model.params)
+    confusion = [[0] * mnist.CLASSES for _ in range(mnist.CLASSES)]
+    for y, p in zip(test_set.labels, predictions):
+        confusion[y][p] += 1
+    count = max(1, test_set.count)
+    return {"test_loss": loss / count, "test_accuracy": sum(confusion[d][d] for d in range(mnist.CLASSES)) / count,
+            "confusion": confusion, "predictions": predictions}

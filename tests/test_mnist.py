@@ -1,0 +1,99 @@
+"""IDX reading and validation, batch decoding, and the download's source fallback and checksums."""
+
+import gzip
+import hashlib
+
+import pytest
+
+from parallel_nn import UserError, mnist
+from tests.conftest import synthetic_split
+
+
+def test_roundtrip_gz_and_raw(tmp_path):
+    split = synthetic_split(20, 3)
+    mnist.write_split(tmp_path, "train", split)
+    mnist.write_split(tmp_path, "t10k", split)
+    assert mnist.load_split(tmp_path, "train") == split
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # unzipped files work too
+        (tmp_path / name).write_bytes(gzip.decompress((tmp_path / f"{name}.gz").read_bytes()))
+        (tmp_path / f"{name}.gz").unlink()
+    assert mnist.load_split(tmp_path, "t10k") == split
+
+
+def test_decode_batch_keeps_bytes_until_needed():
+    split = synthetic_split(5, 1)
+    X = mnist.decode_batch(split.images, [3, 1])
+    assert X.raw == split.images[3 * 784 : 4 * 784] + split.images[784 : 2 * 784]
+    assert X.dense()[1] == [b / 255 for b in split.images[784 : 2 * 784]]
+
+
+def corrupt(tmp_path, name, data):
+    mnist.write_split(tmp_path, "train", synthetic_split(10, 0))
+    (tmp_path / f"{name}.gz").write_bytes(gzip.compress(data))
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("train-images-idx3-ubyte", mnist.idx_bytes([10, 28, 28], bytes(10 * 784))[:-5], "truncated"),
+    ("train-images-idx3-ubyte", b"\x00\x00\x08\x01" + bytes(100), "magic number"),
+    ("train-images-idx3-ubyte", b"\x00\x00", "too short"),
+    ("train-labels-idx1-ubyte", mnist.idx_bytes([9], bytes(9)), "10 images but"),
+    ("train-labels-idx1-ubyte", mnist.idx_bytes([10], bytes([3] * 9 + [10])), "label 10"),
+    ("train-images-idx3-ubyte", mnist.idx_bytes([10, 20, 20], bytes(10 * 400)), "20x20"),
+])
+def test_bad_files_are_named_with_what_is_wrong(tmp_path, name, data, words):
+    corrupt(tmp_path, name, data)
+    with pytest.raises(UserError) as error:
+        mnist.load_split(tmp_path, "train")
+    assert words in str(error.value) and (name in str(error.value) or "train-" in str(error.value))
+
+
+def test_not_gzip_and_missing_files(tmp_path):
+    mnist.write_split(tmp_path, "train", synthetic_split(10, 0))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz: cannot read"):
+        mnist.load_split(tmp_path, "train")
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte.gz is missing; run `make datasets`"):
+        mnist.load_split(tmp_path, "t10k")
+
+
+@pytest.fixture
+def fake_sums(monkeypatch):
+    """Pretend the four 'real' files are tiny ones, so download can be tested without a network."""
+    contents = {name: name.encode() * 3 for name in mnist.SHA256}
+    monkeypatch.setattr(mnist, "SHA256", {n: hashlib.sha256(c).hexdigest() for n, c in contents.items()})
+    return contents
+
+
+def test_download_falls_back_and_then_finds_files_present(tmp_path, fake_sums):
+    calls, lines = [], []
+
+    def offline(name, workdir):
+        calls.append("mirror")
+        raise OSError("Name or service not known")
+
+    def wrong(name, workdir):
+        calls.append("wrong")
+        return b"something else"
+
+    def good(name, workdir):
+        calls.append("good")
+        return fake_sums[name]
+
+    mnist.download(tmp_path, lines.append, [("a", offline), ("b", wrong), ("c", good)])
+    assert calls == ["mirror", "wrong", "good", "good", "good", "good"]
+    assert any("a failed: Name or service not known" in line for line in lines)
+    assert any("b failed" in line and "SHA-256" in line for line in lines)
+    for name, content in fake_sums.items():
+        assert gzip.decompress((tmp_path / f"{name}.gz").read_bytes()) == content
+    calls.clear()
+    mnist.download(tmp_path, lines.append, [("c", good)])
+    assert calls == [] and "present and verified" in lines[-1]
+
+
+def test_download_every_source_fails(tmp_path, fake_sums):
+    def offline(name, workdir):
+        raise OSError("unreachable")
+
+    with pytest.raises(UserError, match="Download them by hand from https://ossci-datasets"):
+        mnist.download(tmp_path, lambda line: None, [("a", offline)])
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,90 @@
+"""Every kernel against its plain definition; the broadcasting ops against element-by-element loops."""
+
+import random
+
+import pytest
+
+from parallel_nn import tensor
+from parallel_nn.mnist import PIXEL_VALUES
+from parallel_nn.tensor import SparseMatrix
+
+
+def rand_matrix(rows, cols, rng, zeros=0.0):
+    return [[0.0 if rng.random() < zeros else rng.uniform(-1, 1) for _ in range(cols)] for _ in range(rows)]
+
+
+def plain_matmul(A, B):
+    return [[sum(A[n][k] * B[k][m] for k in range(len(B))) for m in range(len(B[0]))] for n in range(len(A))]
+
+
+def close(A, B, rel=1e-12):
+    flat_a = [x for row in A for x in row]
+    flat_b = [x for row in B for x in row]
+    scale = max(1e-300, max(abs(x) for x in flat_b))
+    return len(flat_a) == len(flat_b) and max(abs(a - b) for a, b in zip(flat_a, flat_b)) <= rel * scale
+
+
+@pytest.fixture
+def rng():
+    return random.Random(7)
+
+
+def test_matmul_and_transpose(rng):
+    A, B = rand_matrix(4, 6, rng), rand_matrix(6, 3, rng)
+    assert close(tensor.matmul(A, B), plain_matmul(A, B))
+    assert tensor.transpose(A) == [[A[r][c] for r in range(4)] for c in range(6)]
+    with pytest.raises(ValueError):
+        tensor.matmul(A, A)
+
+
+@pytest.mark.parametrize("op, f", [(tensor.add, lambda a, b: a + b), (tensor.sub, lambda a, b: a - b),
+                                   (tensor.mul_elementwise, lambda a, b: a * b), (tensor.div, lambda a, b: a / b)])
+def test_broadcasting(op, f, rng):
+    A = rand_matrix(3, 4, rng)
+    B = [[rng.uniform(1, 2) for _ in range(4)] for _ in range(3)]
+    row, column, scalar = [B[0]], [[r[0]] for r in B], 1.5
+    assert op(A, B) == [[f(A[i][j], B[i][j]) for j in range(4)] for i in range(3)]
+    assert op(A, row) == [[f(A[i][j], row[0][j]) for j in range(4)] for i in range(3)]
+    assert op(A, column) == [[f(A[i][j], column[i][0]) for j in range(4)] for i in range(3)]
+    assert op(A, scalar) == [[f(A[i][j], scalar) for j in range(4)] for i in range(3)]
+    assert op(scalar, B) == [[f(scalar, B[i][j]) for j in range(4)] for i in range(3)]
+    with pytest.raises(ValueError):
+        op(A, [[1.0, 2.0]])
+
+
+def test_dense_kernels(rng):
+    A, W, b = rand_matrix(7, 5, rng), rand_matrix(3, 5, rng), [rng.uniform(-1, 1) for _ in range(3)]
+    expected = [[sum(A[n][i] * W[j][i] for i in range(5)) + b[j] for j in range(3)] for n in range(7)]
+    assert close(tensor.linear(A, W, b), expected)
+    dZ = rand_matrix(7, 3, rng)
+    assert close(tensor.weight_grad(dZ, A), [[sum(dZ[n][j] * A[n][i] for n in range(7)) for i in range(5)] for j in range(3)])
+    assert close([tensor.column_sums(dZ)], [[sum(dZ[n][j] for n in range(7)) for j in range(3)]])
+    Z = rand_matrix(7, 3, rng)
+    Z[0][0] = 0.0  # the derivative at exactly zero is zero
+    assert tensor.relu(Z) == [[max(z, 0.0) for z in row] for row in Z]
+    assert tensor.relu_backward(dZ, Z) == [[d if z > 0 else 0.0 for d, z in zip(dr, zr)] for dr, zr in zip(dZ, Z)]
+
+
+def sparse_case(rng, rows=9, width=30):
+    raw = bytearray(rng.randrange(1, 256) if rng.random() < 0.3 else 0 for _ in range(rows * width))
+    raw[0:width] = bytes(width)                # an all-zero row
+    raw[width : 2 * width] = bytes(width)
+    raw[width + 4] = 200                       # a row with a single non-zero
+    for r in range(rows):                      # an all-zero column, and a column with one non-zero
+        raw[r * width + 7] = 0
+        raw[r * width + 8] = 0
+    raw[3 * width + 8] = 17
+    return SparseMatrix(bytes(raw), width, PIXEL_VALUES)
+
+
+def test_sparse_views_and_kernels(rng):
+    X = sparse_case(rng)
+    dense = [[b / 255.0 for b in X.raw[r * X.width : (r + 1) * X.width]] for r in range(X.height)]
+    assert X.dense() == dense
+    assert [[(i, v) for i, v in zip(*row)] for row in X.rows] == [[(i, v) for i, v in enumerate(r) if v] for r in dense]
+    W, b = rand_matrix(4, X.width, rng), [rng.uniform(-1, 1) for _ in range(4)]
+    assert close(tensor.sparse_linear(X, W, b), tensor.linear(dense, W, b))
+    dZ = rand_matrix(X.height, 4, rng)
+    assert close(tensor.sparse_weight_grad(dZ, X), tensor.weight_grad(dZ, dense))
+    with pytest.raises(ValueError):
+        SparseMatrix(b"abc", 2, PIXEL_VALUES)
