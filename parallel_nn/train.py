@@ -174,6 +174,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
     progress = Progress(config.quiet)
     train_set, test_set = mnist.load(config.data_dir)
     train_set, test_set = train_set.limit(config.limit_train), test_set.limit(config.limit_test)
+    train_count, test_labels = train_set.count, test_set.labels
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(run_dir / "config.json", asdict(config), indent=2)
@@ -187,7 +188,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
     progress.say(f"config: {json.dumps(asdict(config))}")
     lr = config.resolved_lr()
     params = model.params
-    steps_per_epoch = -(-train_set.count // config.batch_size)
+    steps_per_epoch = -(-train_count // config.batch_size)
 
     def save(at_epoch: int, at_step: int, sums: dict) -> None:
         now = Model(model.sizes, params)
@@ -196,12 +197,14 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             "config": asdict(config), "epoch": at_epoch, "step": at_step, "partial": sums,
             "optimizer": optimizer.state_dict(), "metrics": history})
 
-    with StopFlag() as stop, Engine(model.sizes, train_set, test_set, config.workers, config.start_method,
-                                    warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr))) as engine:
+    engine = Engine(model.sizes, train_set, test_set, config.workers, config.start_method,
+                    warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)))
+    del train_set, test_set  # the engine holds the only copy until it moves it into shared memory
+    with StopFlag() as stop, engine:
         engine.set_params(params)
         peak_rss = tree_rss_mb(engine.worker_pids())
         while epoch < config.epochs:
-            order = epoch_order(train_set.count, config.seed, epoch, config.shuffle)
+            order = epoch_order(train_count, config.seed, epoch, config.shuffle)
             started = time.perf_counter() - partial["seconds"]
             engine.dispatch_seconds = engine.combine_seconds = 0.0
             while step < steps_per_epoch:
@@ -236,15 +239,15 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                     on_step(epoch, step)
             seconds = time.perf_counter() - started
             test_loss, predictions = engine.evaluate()
-            correct_test = sum(p == y for p, y in zip(predictions, test_set.labels))
+            correct_test = sum(p == y for p, y in zip(predictions, test_labels))
             peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
             serial_ms = 1000 * (partial["serial"] + engine.dispatch_seconds + engine.combine_seconds) / max(1, step)
             metrics = {
                 "epoch": epoch + 1,
                 "train_loss": partial["loss"] / partial["seen"],
                 "train_accuracy": partial["correct"] / partial["seen"],
-                "test_loss": test_loss / max(1, test_set.count),
-                "test_accuracy": correct_test / max(1, test_set.count),
+                "test_loss": test_loss / max(1, len(test_labels)),
+                "test_accuracy": correct_test / max(1, len(test_labels)),
                 "epoch_seconds": round(seconds, 3),
                 "examples_per_second": round(partial["seen"] / seconds, 1),
                 "workers": config.workers,
@@ -273,11 +276,14 @@ def evaluate(weights: str, data_dir: str, workers: int, start_method: Optional[s
     model = load_model(weights)
     test_set = mnist.load_split(data_dir, "t10k").limit(limit_test)
     empty = mnist.Split(b"", b"", test_set.rows, test_set.cols)
-    with Engine(model.sizes, empty, test_set, workers, start_method) as engine:
+    labels = test_set.labels
+    engine = Engine(model.sizes, empty, test_set, workers, start_method)
+    del test_set
+    with engine:
         loss, predictions = engine.evaluate(model.params)
     confusion = [[0] * mnist.CLASSES for _ in range(mnist.CLASSES)]
-    for y, p in zip(test_set.labels, predictions):
+    for y, p in zip(labels, predictions):
         confusion[y][p] += 1
-    count = max(1, test_set.count)
+    count = max(1, len(labels))
     return {"test_loss": loss / count, "test_accuracy": sum(confusion[d][d] for d in range(mnist.CLASSES)) / count,
             "confusion": confusion, "predictions": predictions}

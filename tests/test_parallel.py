@@ -1,0 +1,181 @@
+"""The engine: exact for any worker count and start method, and it never hangs, leaks or orphans."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from parallel_nn import mnist
+from parallel_nn.network import he_init, parameter_count
+from parallel_nn.optim import Optimizer
+from parallel_nn.parallel import Engine, WorkerCrashed, shard
+from parallel_nn.train import Config, train
+
+SIZES = [784, 32, 32, 10]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shm_segments():
+    return set(glob.glob("/dev/shm/psm_*"))
+
+
+def test_shards_are_contiguous_and_balanced():
+    pieces = shard(range(500), 8)
+    assert [len(p) for p in pieces] == [63, 63, 63, 63, 62, 62, 62, 62]
+    assert sum(pieces, []) == list(range(500))
+    assert shard([1, 2], 3) == [[1], [2], []]
+
+
+def trajectory(splits, workers, method, steps=3, batch=250):
+    """Weights after a few SGD steps on batches that 3 and 8 do not divide."""
+    train_set, test_set = splits
+    params = he_init(SIZES, 0)
+    optimizer = Optimizer("momentum", len(params))
+    with Engine(SIZES, train_set, test_set, workers, method) as engine:
+        for step in range(steps):
+            engine.set_params(params)
+            grad, loss, correct = engine.gradient(range(step * batch, (step + 1) * batch))
+            params = optimizer.step(params, [g / batch for g in grad], 0.1)
+        engine.set_params(params)
+        test_loss, predictions = engine.evaluate()
+    return params, test_loss, predictions
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_same_trajectory_for_1_2_3_8_workers(tiny_splits, method):
+    before = shm_segments()
+    reference, ref_loss, ref_predictions = trajectory(tiny_splits, 1, "fork")
+    for workers in (1, 2, 3, 8):
+        params, test_loss, predictions = trajectory(tiny_splits, workers, method)
+        worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(params, reference))
+        assert worst <= 1e-9, (workers, method, worst)
+        assert test_loss == pytest.approx(ref_loss, rel=1e-9) and predictions == ref_predictions
+    assert shm_segments() <= before  # everything created was unlinked
+
+
+def test_a_killed_worker_is_replaced_and_the_step_redone(tiny_splits):
+    train_set, test_set = tiny_splits
+    warnings = []
+    with Engine(SIZES, train_set, test_set, 2, "fork", warn=warnings.append) as engine:
+        engine.set_params(he_init(SIZES, 0))
+        expected = engine.gradient(range(1200))
+        victim = engine.worker_pids()[0]
+        threading.Timer(0.05, os.kill, (victim, signal.SIGKILL)).start()
+        got = engine.gradient(range(1200))
+        assert engine.restarts == 1 and victim not in engine.worker_pids()
+        assert got == expected  # the step was redone from the same weights: identical
+        assert "died: killed by signal 9" in warnings[0]
+        workers = engine.worker_pids()
+    time.sleep(0.1)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
+
+
+class Killer(threading.Thread):
+    """Keeps killing every child of this process: a worker that dies however often it is restarted."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.running = True
+
+    def run(self):
+        while self.running:
+            for child in psutil.Process().children():
+                try:
+                    if "resource_tracker" not in " ".join(child.cmdline()):  # the tracker is no worker
+                        child.send_signal(signal.SIGKILL)
+                except psutil.Error:
+                    pass
+            time.sleep(0.01)
+
+
+def test_workers_that_keep_dying_stop_the_run_with_a_resumable_checkpoint(tiny_data, tmp_path):
+    before = shm_segments()
+    killer = Killer()
+    base = dict(workers=2, epochs=1, batch_size=100, data_dir=str(tiny_data), quiet=True, start_method="fork")
+
+    def start_killing(epoch, step):
+        if step == 3 and not killer.is_alive():
+            killer.start()
+
+    try:
+        with pytest.raises(WorkerCrashed, match="gave up after 3 restarts"):
+            train(Config(run_dir=str(tmp_path / "crash"), **base), on_step=start_killing)
+    finally:
+        killer.running = False
+        killer.join()
+    assert shm_segments() <= before
+    train(Config(**base), resume=str(tmp_path / "crash"))
+    train(Config(run_dir=str(tmp_path / "straight"), **base))
+    from parallel_nn.checkpoint import load_model
+    assert load_model(tmp_path / "crash").params == load_model(tmp_path / "straight").params
+
+
+def start_cli(tmp_path, data, *extra):
+    return subprocess.Popen([sys.executable, "-m", "parallel_nn", "--workers", "3", "--epochs", "50", "--batch-size", "60",
+                             "--data-dir", str(data), "--run-dir", str(tmp_path / "run"), *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_workers(proc, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(psutil.Process(proc.pid).children()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError("workers did not start")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_ctrl_c_to_the_process_group_saves_and_exits_130(tiny_data, tmp_path, method):
+    before = shm_segments()
+    proc = start_cli(tmp_path, tiny_data, "--start-method", method)
+    wait_for_workers(proc, 3)
+    time.sleep(1.5)
+    pgid = os.getpgid(proc.pid)
+    sent = time.monotonic()
+    os.killpg(pgid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130, err
+    assert "interrupted: saved" in out and "--resume" in out
+    assert "resource_tracker" not in err and "Traceback" not in err
+    assert (tmp_path / "run" / "checkpoint.json").exists()
+    time.sleep(0.2)
+    assert not [p for p in psutil.process_iter(["pid"]) if _in_group(p, pgid)]
+    assert shm_segments() <= before
+
+
+def _in_group(p, pgid):
+    try:
+        return os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, psutil.Error):
+        return False
+
+
+def test_a_killed_trainer_leaves_no_orphans(tiny_data, tmp_path):
+    proc = start_cli(tmp_path, tiny_data, "--start-method", "fork")
+    wait_for_workers(proc, 3)
+    workers = [c.pid for c in psutil.Process(proc.pid).children()]
+    proc.kill()
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(pid) for pid in workers)
+
+
+def test_process_tree_memory_with_8_workers(real_data):
+    train_set, test_set = mnist.load(real_data)
+    with Engine(SIZES, train_set, test_set, 8) as engine:
+        engine.set_params(he_init(SIZES, 0))
+        for step in range(3):
+            engine.gradient(range(step * 500, (step + 1) * 500))
+        engine.evaluate()
+        total = sum(psutil.Process(pid).memory_full_info().pss for pid in [os.getpid(), *engine.worker_pids()])
+    assert total / 2**20 < 250, f"{total / 2**20:.0f} MB"
