@@ -170,7 +170,7 @@ def test_a_killed_trainer_leaves_no_orphans(tiny_data, tmp_path):
     assert not any(psutil.pid_exists(pid) for pid in workers)
 
 
-def test_process_tree_memory_with_8_workers(real_data):
+def test_real_data_process_tree_memory_with_8_workers(real_data):
     train_set, test_set = mnist.load(real_data)
     with Engine(SIZES, train_set, test_set, 8) as engine:
         engine.set_params(he_init(SIZES, 0))

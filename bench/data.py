@@ -1,0 +1,29 @@
+"""The benchmark data: the real MNIST when `make datasets` has fetched it, else a synthetic set
+with MNIST's shape and sparsity (~19% non-zero pixels, in strokes), so the kernels do the same work."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from parallel_nn import mnist
+
+REAL = Path(__file__).resolve().parent.parent / "datasets" / "mnist"
+
+
+def synthetic(count: int, seed: int) -> mnist.Split:
+    rng = random.Random(seed)
+    images = bytearray(count * mnist.PIXELS)
+    for n in range(count):
+        base = n * mnist.PIXELS
+        for _ in range(150):  # ~150 of 784 pixels lit, like an MNIST digit
+            images[base + rng.randrange(mnist.PIXELS)] = rng.randrange(1, 256)
+    return mnist.Split(bytes(images), bytes(rng.randrange(10) for _ in range(count)))
+
+
+def load() -> tuple[mnist.Split, mnist.Split, str]:
+    """(train, test, a word saying which)."""
+    if (REAL / "train-images-idx3-ubyte.gz").exists():
+        train, test = mnist.load(REAL)
+        return train, test, "MNIST"
+    return synthetic(60000, 0), synthetic(10000, 1), "synthetic (run `make datasets` for MNIST)"

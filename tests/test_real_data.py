@@ -1,0 +1,37 @@
+"""Checks on the real MNIST files: skipped cleanly when they are absent (CI fetches them)."""
+
+import hashlib
+
+from bench import textbook
+from parallel_nn import mnist
+from parallel_nn.checkpoint import load_model, save_model
+from parallel_nn.network import Model, he_init
+from parallel_nn.train import Config, train
+
+
+def test_real_data_loads_and_matches_its_checksums(real_data):
+    train_set, test_set = mnist.load(real_data)
+    assert (train_set.count, test_set.count) == (60000, 10000)
+    header = mnist.idx_bytes([60000, 28, 28], b"")
+    assert hashlib.sha256(header + train_set.images).hexdigest() == mnist.SHA256["train-images-idx3-ubyte"]
+    zeros = train_set.images.count(0) / len(train_set.images)
+    assert 0.75 < zeros < 0.85  # the sparsity the first-layer kernel is built on
+
+
+def test_real_data_one_sgd_step_equals_the_textbook(real_data, tmp_path):
+    """--init, --optimizer sgd, --no-shuffle, 500 images, batch 500: W moves by exactly -lr dL/dW."""
+    sizes = [784, 32, 32, 10]
+    start = Model(sizes, he_init(sizes, 5))
+    save_model(tmp_path / "init.json", start)
+    lr = 0.1
+    train(Config(workers=2, epochs=1, batch_size=500, limit_train=500, limit_test=100, shuffle=False, optimizer="sgd",
+                 lr=lr, lr_schedule="constant", init=str(tmp_path / "init.json"), data_dir=str(real_data),
+                 run_dir=str(tmp_path / "run"), quiet=True))
+    after = load_model(tmp_path / "run")
+    train_set = mnist.load_split(real_data, "train")
+    _, grads = textbook.mean_loss_and_gradient(textbook.unflatten(start.params, sizes),
+                                               textbook.decode(train_set.images, range(500)), list(train_set.labels[:500]))
+    flat_grad = [x for dW, db in grads for x in [v for row in dW for v in row] + db]
+    moved = [(a - s) / -lr for a, s in zip(after.params, start.params)]  # the step, divided by -lr
+    scale = max(abs(g) for g in flat_grad)
+    assert max(abs(m - g) for m, g in zip(moved, flat_grad)) <= 1e-9 * scale
