@@ -95,6 +95,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="constant; step: x0.1 from 70%% of the epochs; cosine: to 0 over the run (default: %(default)s)")
     p.add_argument("--momentum", type=non_negative_float, default=0.9, metavar="MU", help="momentum coefficient (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="WD", help="L2 penalty coefficient (default: %(default)s)")
+    p.add_argument("--shift", type=int, choices=range(0, 5), default=0, metavar="PIXELS",
+                   help="augment: move each training image by up to PIXELS (0-4) in x and y, fresh every epoch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="every random choice (init, shuffling) derives from it (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="use only the first N training examples (default: all 60000)")
     p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use only the first N test examples (default: all 10000)")
@@ -114,6 +116,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("weights", metavar="FILE", help="weights.json, checkpoint.json, or a run directory")
         p.add_argument("--json", action="store_true", help='print {"test_loss", "test_accuracy", "confusion"} as JSON')
         p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use only the first N test examples (default: all)")
+        p.add_argument("--misclassified", default=None, metavar="FILE.png", help="also draw the test digits it gets wrong (needs matplotlib)")
         _engine_flags(p, default_workers())
     elif command == "gradcheck":
         p = argparse.ArgumentParser(prog=prog, description="Compare the analytic gradient with central differences on a small network; exit 1 if the relative error is 1e-6 or more.")
@@ -162,6 +165,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .train import evaluate
 
     result = evaluate(args.weights, args.data_dir, args.workers, args.start_method, args.limit_test)
+    if args.misclassified:
+        from .mnist import load_split
+        from .plot import plot_misclassified
+
+        test_set = load_split(args.data_dir, "t10k").limit(args.limit_test)
+        path, wrong = plot_misclassified(test_set.images, test_set.labels, result["predictions"], args.misclassified)
+        print(f"wrote {path} ({wrong} misclassified)", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({k: result[k] for k in ("test_loss", "test_accuracy", "confusion")}))
         return 0

@@ -121,10 +121,44 @@ def load(data_dir: str | Path) -> tuple[Split, Split]:
     return load_split(data_dir, "train"), load_split(data_dir, "t10k")
 
 
-def decode_batch(images: bytes | memoryview, indices: Sequence[int], pixels: int = PIXELS) -> SparseMatrix:
-    """The images at `indices` as a sparse matrix of floats in [0, 1], straight from the raw bytes."""
-    raw = b"".join([images[k * pixels : (k + 1) * pixels] for k in indices])
+def decode_batch(images: bytes | memoryview, indices: Sequence[int], pixels: int = PIXELS,
+                 shifts: bytes | None = None) -> SparseMatrix:
+    """The images at `indices` as a sparse matrix of floats in [0, 1], straight from the raw bytes.
+
+    `shifts`, if given, holds two bytes per image, (dx + 128, dy + 128): translate that image by dx
+    pixels right and dy pixels down (data augmentation; see shift_image).
+    """
+    if shifts is None:
+        raw = b"".join([images[k * pixels : (k + 1) * pixels] for k in indices])
+    else:
+        raw = b"".join([shift_image(bytes(images[k * pixels : (k + 1) * pixels]), shifts[2 * n] - 128, shifts[2 * n + 1] - 128)
+                        for n, k in enumerate(indices)])
     return SparseMatrix(raw, pixels, PIXEL_VALUES)
+
+
+def shift_image(image: bytes, dx: int, dy: int, side: int = 28) -> bytes:
+    """out[r][c] = image[r - dy][c - dx], zero where that falls outside: a translation, in bytes."""
+    if dx == 0 and dy == 0:
+        return image
+    blank = bytes(side)
+    rows = [image[r * side : (r + 1) * side] for r in range(side)]
+    if dx > 0:
+        rows = [blank[:dx] + row[: side - dx] for row in rows]
+    elif dx < 0:
+        rows = [row[-dx:] + blank[:-dx] for row in rows]
+    if dy > 0:
+        rows = [blank] * dy + rows[: side - dy]
+    elif dy < 0:
+        rows = rows[-dy:] + [blank] * -dy
+    return b"".join(rows)
+
+
+def random_shifts(count: int, most: int, seed: str) -> bytes:
+    """(dx + 128, dy + 128) for `count` images, dx and dy uniform in [-most, most], from a string seed."""
+    import random
+
+    rng = random.Random(seed)
+    return bytes(v + 128 for _ in range(count) for v in (rng.randint(-most, most), rng.randint(-most, most)))
 
 
 # ---- writing (what tests use to make tiny datasets, and what download stores) ----

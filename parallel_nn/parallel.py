@@ -224,10 +224,18 @@ class Engine:
                 self._restart()
         raise AssertionError("unreachable")
 
-    def gradient(self, indices: Sequence[int]) -> tuple[list[float], float, int]:
-        """(sum over `indices` of the per-example gradients, flat; summed loss; number correct)."""
+    def gradient(self, indices: Sequence[int], shifts: bytes | None = None) -> tuple[list[float], float, int]:
+        """(sum over `indices` of the per-example gradients, flat; summed loss; number correct).
+
+        `shifts`: optional augmentation, two bytes per example (mnist.decode_batch).
+        """
         shards = shard(indices, self.workers)
-        replies = self._run_recovering([("grad", s) if s else None for s in shards])
+        messages, start = [], 0
+        for piece in shards:
+            part = None if shifts is None else shifts[2 * start : 2 * (start + len(piece))]
+            messages.append(("grad", piece, part) if piece else None)
+            start += len(piece)
+        replies = self._run_recovering(messages)
         start = time.perf_counter()
         size, done = self.size, sorted(replies)  # a fixed order: reproducible for a given worker count
         # total[p] = sum_k slot_k[p], one C-level pass: zip walks the slots' memory side by side.
@@ -279,10 +287,10 @@ def _worker_main(conn, spec: dict, slot: int, parent_pid: int) -> None:
                 return
             try:
                 if message[0] == "grad":
-                    indices = message[1]
+                    _, indices, shifts = message
                     layers = unflatten(params.tolist(), sizes)
                     grads, loss, correct = loss_and_gradient(
-                        layers, decode_batch(train_images, indices, pixels), [train_labels[k] for k in indices])
+                        layers, decode_batch(train_images, indices, pixels, shifts), [train_labels[k] for k in indices])
                     flat = array("d")
                     for dW, db in grads:
                         for row in dW:

@@ -40,6 +40,7 @@ class Config:
     lr_schedule: str = "step"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    shift: int = 0  # augmentation: translate each training image by up to this many pixels
     seed: int = 0
     data_dir: str = "datasets/mnist"
     limit_train: Optional[int] = None
@@ -215,8 +216,11 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                                  f"continue with --resume {run_dir}")
                     raise Interrupted
                 batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+                shifts = None
+                if config.shift:  # drawn per (seed, epoch, step): the same whatever the worker count
+                    shifts = mnist.random_shifts(len(batch), config.shift, f"parallel_nn/shift/{config.seed}/{epoch}/{step}")
                 try:
-                    grad_sum, loss, correct = engine.gradient(batch)
+                    grad_sum, loss, correct = engine.gradient(batch, shifts)
                 except WorkerCrashed:
                     partial["seconds"] = time.perf_counter() - started
                     save(epoch, step, partial)

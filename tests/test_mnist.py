@@ -97,3 +97,17 @@ def test_download_every_source_fails(tmp_path, fake_sums):
     with pytest.raises(UserError, match="Download them by hand from https://ossci-datasets"):
         mnist.download(tmp_path, lambda line: None, [("a", offline)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shift_image_is_a_translation():
+    side = 28
+    image = bytes((r * side + c) % 251 + 1 for r in range(side) for c in range(side))
+    for dx, dy in [(0, 0), (2, 0), (-1, 0), (0, 3), (0, -2), (1, -1), (-2, 2)]:
+        out = mnist.shift_image(image, dx, dy)
+        expected = bytes(image[(r - dy) * side + (c - dx)] if 0 <= r - dy < side and 0 <= c - dx < side else 0
+                         for r in range(side) for c in range(side))
+        assert out == expected, (dx, dy)
+    shifts = mnist.random_shifts(3, 2, "seed")
+    assert len(shifts) == 6 and all(126 <= b <= 130 for b in shifts) and shifts == mnist.random_shifts(3, 2, "seed")
+    X = mnist.decode_batch(image + image, [1, 0], shifts=bytes([129, 128, 128, 128]))
+    assert X.raw == mnist.shift_image(image, 1, 0) + image

@@ -179,3 +179,16 @@ def test_real_data_process_tree_memory_with_8_workers(real_data):
         engine.evaluate()
         total = sum(psutil.Process(pid).memory_full_info().pss for pid in [os.getpid(), *engine.worker_pids()])
     assert total / 2**20 < 250, f"{total / 2**20:.0f} MB"
+
+
+def test_augmented_steps_are_the_same_for_any_worker_count(tiny_splits):
+    train_set, test_set = tiny_splits
+    shifts = mnist.random_shifts(250, 2, "x")
+    grads = []
+    for workers in (1, 3):
+        with Engine(SIZES, train_set, test_set, workers, "fork") as engine:
+            engine.set_params(he_init(SIZES, 0))
+            grads.append(engine.gradient(range(250), shifts))
+            plain = engine.gradient(range(250))
+    assert max(abs(a - b) for a, b in zip(grads[0][0], grads[1][0])) <= 1e-9 * max(map(abs, grads[0][0]))
+    assert grads[0][1] != plain[1]  # the shifts changed what was computed
