@@ -3,6 +3,7 @@
 Groups:
   step        one training step at batch 500 in one process: the textbook triple loop vs our kernels
   parallel    one data-parallel step (gradient + update) at batch 500 for 1, 2, 4 and 8 workers
+              (and 8 with --reduce workers)
   parent      the parent's serial work per step at 8 workers: combining 8 gradient slots, the update
   evaluate    the 10,000 test images, in-process and across 2 workers
   load        reading + validating the IDX files; decoding one batch of 500 from bytes
@@ -58,12 +59,12 @@ def test_step_parallel_nn_kernels(benchmark, mnist_data):
 
 
 @pytest.mark.benchmark(group="parallel")
-@pytest.mark.parametrize("workers", [1, 2, 4, 8])
-def test_data_parallel_step(benchmark, mnist_data, workers):
+@pytest.mark.parametrize("workers, reduce", [(1, "parent"), (2, "parent"), (4, "parent"), (8, "parent"), (8, "workers")])
+def test_data_parallel_step(benchmark, mnist_data, workers, reduce):
     train, test, _ = mnist_data
     params = he_init(SIZES, 0)
     optimizer = Optimizer("momentum", len(params))
-    with Engine(SIZES, train, test, workers) as engine:
+    with Engine(SIZES, train, test, workers, reduce=reduce) as engine:
         engine.set_params(params)
         state = {"step": 0, "params": params}
 

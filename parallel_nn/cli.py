@@ -16,7 +16,7 @@ import psutil
 
 from . import UserError, __version__
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
-from .parallel import START_METHODS
+from .parallel import REDUCERS, START_METHODS
 
 COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot")
 DEFAULT_DATA = "datasets/mnist"
@@ -84,6 +84,9 @@ def train_parser() -> argparse.ArgumentParser:
                "(`python -m parallel_nn COMMAND --help`)",
     )
     _engine_flags(p, None)
+    p.add_argument("--reduce", choices=REDUCERS, default="parent",
+                   help="who sums the workers' gradients: the parent, or the workers in parallel after a barrier "
+                        "(same result to the bit; default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="passes over the training set (default: 10)")
     p.add_argument("--batch-size", type=positive_int, default=500, metavar="B", help="global mini-batch, split across the workers (default: %(default)s)")
     p.add_argument("--hidden", type=layer_list, default=[32, 32], metavar="32,32", help="hidden layer sizes (default: 32,32)")

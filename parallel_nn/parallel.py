@@ -10,6 +10,10 @@ Lifetimes, written down where they happen:
   notice their parent is gone (so a killed trainer leaves no orphans).
 - Per step the parent sends each worker only the indices of its examples (a few hundred bytes);
   weights are never pickled.
+- With reduce="workers" there is a fourth segment, `reduced`: after a barrier, worker k sums
+  slice k of every slot into it (a reduce-scatter in shared memory), so the parent's serial part
+  shrinks to the update. The sums are taken in the same order as the parent's, so both modes give
+  bit-identical results.
 
 Workers are plain Processes with one Pipe each rather than a multiprocessing.Pool: Pool waits
 forever for a task whose worker was killed (cpython#96062), while `connection.wait` on the pipes
@@ -34,6 +38,7 @@ from .mnist import Split, decode_batch
 from .network import loss_and_gradient, parameter_count, predict, unflatten
 
 START_METHODS = ("fork", "spawn", "forkserver")
+REDUCERS = ("parent", "workers")
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
 EVAL_CHUNK = 1000  # test images a worker decodes at a time: bounds its memory
 
@@ -61,10 +66,12 @@ class Engine:
     """`with Engine(...) as engine:` — gradient() and evaluate() run on `workers` processes."""
 
     def __init__(self, sizes: Sequence[int], train: Split, test: Split | None, workers: int,
-                 start_method: str | None = None, warn: Callable[[str], None] | None = None):
+                 start_method: str | None = None, warn: Callable[[str], None] | None = None, reduce: str = "parent"):
         if workers < 1:
             raise ValueError("workers must be >= 1")
-        self.sizes, self.workers = list(sizes), workers
+        if reduce not in REDUCERS:
+            raise ValueError(f"reduce must be one of {REDUCERS}")
+        self.sizes, self.workers, self.reduce = list(sizes), workers, reduce
         # Held only until start() copies them into shared memory: dropping them before the workers
         # fork keeps 47 MB of image bytes from being counted again in every worker.
         self._splits: tuple[Split, Split] | None = (train, test or Split(b"", b""))
@@ -100,6 +107,8 @@ class Engine:
         try:
             self._segments["params"] = shared_memory.SharedMemory(create=True, size=8 * self.size)
             self._segments["slots"] = shared_memory.SharedMemory(create=True, size=8 * self.size * self.workers)
+            if self.reduce == "workers":
+                self._segments["reduced"] = shared_memory.SharedMemory(create=True, size=8 * self.size)
             self._segments["data"] = shared_memory.SharedMemory(create=True, size=max(1, offset))
             data = self._segments["data"].buf
             for (start, length), blob in zip(self._layout, blobs):
@@ -110,6 +119,8 @@ class Engine:
             self._segments["data"].close()
             self._params = self._segments["params"].buf.cast("d")
             self._slots = self._segments["slots"].buf.cast("d")
+            if self.reduce == "workers":
+                self._reduced = self._segments["reduced"].buf.cast("d")
             self._spawn()
         except BaseException:
             self.close(graceful=False)
@@ -121,10 +132,15 @@ class Engine:
             "sizes": self.sizes,
             "layout": self._layout,
             "pixels": self.pixels,
+            "workers": self.workers,
         }
+        # A fresh barrier per generation of workers: one broken by a death is never reused. The
+        # engine keeps it referenced: under spawn, a collected barrier unlinks its semaphores
+        # before the children have opened them.
+        barrier = self._barrier = self.context.Barrier(self.workers) if self.reduce == "workers" else None
         for k in range(self.workers):
             parent_end, child_end = self.context.Pipe()
-            proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, os.getpid()),
+            proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, os.getpid(), barrier),
                                         name=f"parallel_nn-worker-{k}", daemon=True)
             proc.start()
             child_end.close()
@@ -154,7 +170,7 @@ class Engine:
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, then (only the parent ever does this) unlink the shared memory."""
         self._stop_workers(graceful)
-        for view in ("_params", "_slots"):
+        for view in ("_params", "_slots", "_reduced"):
             if hasattr(self, view):
                 getattr(self, view).release()
                 delattr(self, view)
@@ -233,13 +249,16 @@ class Engine:
         messages, start = [], 0
         for piece in shards:
             part = None if shifts is None else shifts[2 * start : 2 * (start + len(piece))]
-            messages.append(("grad", piece, part) if piece else None)
+            # Every worker takes part in a workers' reduction (an empty shard contributes zeros).
+            messages.append(("grad", piece, part) if piece or self.reduce == "workers" else None)
             start += len(piece)
         replies = self._run_recovering(messages)
         start = time.perf_counter()
         size, done = self.size, sorted(replies)  # a fixed order: reproducible for a given worker count
-        # total[p] = sum_k slot_k[p], one C-level pass: zip walks the slots' memory side by side.
-        total = list(map(sum, zip(*[self._slots[k * size : (k + 1) * size] for k in done])))
+        if self.reduce == "workers":
+            total = self._reduced.tolist()
+        else:  # total[p] = sum_k slot_k[p], one C-level pass: zip walks the slots' memory side by side
+            total = reduce_slots(self._slots, size, done)
         loss = sum(replies[k][1] for k in done)
         correct = sum(replies[k][2] for k in done)
         self.combine_seconds += time.perf_counter() - start
@@ -258,10 +277,17 @@ class Engine:
         return loss, predictions
 
 
+def reduce_slots(slots: memoryview, size: int, which: Sequence[int], start: int = 0, stop: int | None = None) -> list[float]:
+    """[sum_k slots[k][p] for p in start..stop], k in `which` order: the parent and the workers
+    reduce with this one function, so both modes add in the same order and agree to the bit."""
+    stop = size if stop is None else stop
+    return list(map(sum, zip(*[slots[k * size + start : k * size + stop] for k in which])))
+
+
 # ---- the worker side ----
 
 
-def _worker_main(conn, spec: dict, slot: int, parent_pid: int) -> None:
+def _worker_main(conn, spec: dict, slot: int, parent_pid: int, barrier=None) -> None:
     # Ctrl-C at a terminal goes to the whole process group; only the parent decides what it means
     # (save, stop the workers). A worker that died of it would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -272,10 +298,15 @@ def _worker_main(conn, spec: dict, slot: int, parent_pid: int) -> None:
     sizes, pixels = spec["sizes"], spec["pixels"]
     size = parameter_count(sizes)
     params = segments["params"].buf.cast("d")
-    my_slot = segments["slots"].buf.cast("d")[slot * size : (slot + 1) * size]
+    slots = segments["slots"].buf.cast("d")
+    my_slot = slots[slot * size : (slot + 1) * size]
+    reduced = segments["reduced"].buf.cast("d") if barrier is not None else None
+    # this worker's slice of the reduction (the same contiguous split as the shards)
+    bounds = shard(range(size), spec["workers"])[slot]
+    my_start, my_stop = (bounds[0], bounds[-1] + 1) if bounds else (0, 0)
     data = segments["data"].buf
     train_images, train_labels, test_images, test_labels = (data[a : a + n] for a, n in spec["layout"])
-    views = [params, my_slot, data, train_images, train_labels, test_images, test_labels]
+    views = [v for v in (params, my_slot, slots, reduced, data, train_images, train_labels, test_images, test_labels) if v is not None]
     try:
         while True:
             if not conn.poll(1.0):
@@ -288,15 +319,21 @@ def _worker_main(conn, spec: dict, slot: int, parent_pid: int) -> None:
             try:
                 if message[0] == "grad":
                     _, indices, shifts = message
-                    layers = unflatten(params.tolist(), sizes)
-                    grads, loss, correct = loss_and_gradient(
-                        layers, decode_batch(train_images, indices, pixels, shifts), [train_labels[k] for k in indices])
-                    flat = array("d")
-                    for dW, db in grads:
-                        for row in dW:
-                            flat.extend(row)
-                        flat.extend(db)
+                    if indices:
+                        layers = unflatten(params.tolist(), sizes)
+                        grads, loss, correct = loss_and_gradient(
+                            layers, decode_batch(train_images, indices, pixels, shifts), [train_labels[k] for k in indices])
+                        flat = array("d")
+                        for dW, db in grads:
+                            for row in dW:
+                                flat.extend(row)
+                            flat.extend(db)
+                    else:
+                        flat, loss, correct = array("d", bytes(8 * size)), 0.0, 0
                     my_slot[:] = flat
+                    if barrier is not None:
+                        barrier.wait()  # every slot is written: reduce this worker's slice of them
+                        reduced[my_start:my_stop] = array("d", reduce_slots(slots, size, range(spec["workers"]), my_start, my_stop))
                     conn.send(("ok", loss, correct))
                 else:
                     _, start, stop = message

@@ -49,6 +49,7 @@ class Config:
     run_dir: Optional[str] = None  # None: runs/<timestamp>
     init: Optional[str] = None
     start_method: Optional[str] = None  # None: the platform's default
+    reduce: str = "parent"  # who sums the workers' gradients: the parent, or the workers themselves
     quiet: bool = False
 
     @classmethod
@@ -152,7 +153,7 @@ def prepare(config: Config, resume: Optional[str]) -> tuple[Config, Model, Optio
         model, checkpoint = load_checkpoint(Path(resume) / "checkpoint.json")
         saved = Config.from_dict(checkpoint["config"])
         # What may change on resume: how it runs, not what it computes (except extending --epochs).
-        for key in ("workers", "start_method", "quiet"):
+        for key in ("workers", "start_method", "quiet", "reduce"):
             setattr(saved, key, getattr(config, key))
         saved.epochs = max(saved.epochs, config.epochs) if config.epochs else saved.epochs
         saved.run_dir = str(resume)
@@ -199,7 +200,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             "optimizer": optimizer.state_dict(), "metrics": history})
 
     engine = Engine(model.sizes, train_set, test_set, config.workers, config.start_method,
-                    warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)))
+                    warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)), reduce=config.reduce)
     del train_set, test_set  # the engine holds the only copy until it moves it into shared memory
     with StopFlag() as stop, engine:
         engine.set_params(params)

@@ -192,3 +192,29 @@ def test_augmented_steps_are_the_same_for_any_worker_count(tiny_splits):
             plain = engine.gradient(range(250))
     assert max(abs(a - b) for a, b in zip(grads[0][0], grads[1][0])) <= 1e-9 * max(map(abs, grads[0][0]))
     assert grads[0][1] != plain[1]  # the shifts changed what was computed
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_reduction_is_bit_identical_to_the_parents(tiny_splits, method):
+    train_set, test_set = tiny_splits
+    results = {}
+    for reduce in ("parent", "workers"):
+        params = he_init(SIZES, 0)
+        optimizer = Optimizer("momentum", len(params))
+        with Engine(SIZES, train_set, test_set, 3, method, reduce=reduce) as engine:
+            for step in range(3):
+                engine.set_params(params)
+                grad, loss, correct = engine.gradient(range(step * 250, (step + 1) * 250))
+                params = optimizer.step(params, [g / 250 for g in grad], 0.1)
+            tail = engine.gradient(range(2))  # fewer examples than workers: one worker adds zeros
+        results[reduce] = (params, loss, correct, tail)
+    assert results["parent"] == results["workers"]
+
+
+def test_a_killed_worker_mid_reduction_is_recovered(tiny_splits):
+    train_set, test_set = tiny_splits
+    with Engine(SIZES, train_set, test_set, 3, "fork", warn=lambda m: None, reduce="workers") as engine:
+        engine.set_params(he_init(SIZES, 0))
+        expected = engine.gradient(range(1200))
+        threading.Timer(0.05, os.kill, (engine.worker_pids()[1], signal.SIGKILL)).start()
+        assert engine.gradient(range(1200)) == expected and engine.restarts == 1
