@@ -63,8 +63,9 @@ def layer_list(text: str) -> list[int]:
     return sizes
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=DEFAULT_DATA, metavar="DIR", help="where the four MNIST IDX files are (default: %(default)s)")
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    if data:
+        p.add_argument("--data-dir", default=DEFAULT_DATA, metavar="DIR", help="where the four MNIST IDX files are (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
@@ -130,7 +131,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog=prog, description="Plot loss and accuracy per epoch of a run to a PNG (needs matplotlib: pip install -e '.[plot]').")
         p.add_argument("run_dir", metavar="RUN_DIR")
         p.add_argument("--output", default=None, metavar="FILE.png", help="(default: RUN_DIR/curves.png)")
-    _common(p)
+    _common(p, data=command not in ("gradcheck", "plot"))
     return p
 
 

@@ -181,9 +181,9 @@ def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:
 
 def sparse_weight_grad(dZ: Tensor2D, X: SparseMatrix) -> Tensor2D:
     """dW[j][i] = sum_{n: X[n][i] != 0} dZ[n][j] * X[n][i]; columns of X that are all zero give 0."""
-    dZT = list(zip(*dZ))
-    dWT: list[Sequence[float]] = [(0.0,) * len(dZT)] * X.width
+    outputs = len(dZ[0]) if dZ else 0
+    dWT: list[Sequence[float]] = [(0.0,) * outputs] * X.width
     for i, rows, values in X.columns:
-        gather = _gatherer(rows)
-        dWT[i] = [dot(values, gather(dz)) for dz in dZT]
+        touched = _gatherer(rows)(dZ)  # the rows of dZ for the examples where pixel i is lit
+        dWT[i] = [dot(values, dz) for dz in zip(*touched)]
     return [list(row) for row in zip(*dWT)]
