@@ -29,21 +29,27 @@ class Optimizer:
             self.state["m"] = [0.0] * size
             self.state["s"] = [0.0] * size
 
-    def step(self, params: list[float], grad: list[float], lr: float) -> list[float]:
-        """The new parameters (params itself is left alone)."""
+    def step(self, params: list[float], grad: list[float], lr: float, scale: float = 1.0) -> list[float]:
+        """The new parameters (params itself is left alone) for the gradient `scale * grad`.
+
+        `scale` lets the trainer pass the workers' summed gradient with 1 / batch size, saving a
+        pass over every parameter on the parent's serial path.
+        """
         self.state["t"] += 1
         if self.weight_decay:  # L2 penalty wd/2 * |w|^2, added to the gradient (biases included, for simplicity)
             wd = self.weight_decay
-            grad = [g + wd * p for g, p in zip(grad, params)]
+            grad, scale = [g * scale + wd * p for g, p in zip(grad, params)], 1.0
         if self.name == "sgd":
-            return [p - lr * g for p, g in zip(params, grad)]
+            return [p - lr * (g * scale) for p, g in zip(params, grad)]
         if self.name in ("momentum", "nesterov"):
             mu = self.momentum
-            v = self.state["v"] = [mu * vi + g for vi, g in zip(self.state["v"], grad)]
+            v = self.state["v"] = [mu * vi + g * scale for vi, g in zip(self.state["v"], grad)]
             if self.name == "momentum":  # v = mu v + g; p -= lr v   (PyTorch's convention)
                 return [p - lr * vi for p, vi in zip(params, v)]
             # Nesterov: step along the look-ahead direction g + mu v
-            return [p - lr * (g + mu * vi) for p, g, vi in zip(params, grad, v)]
+            return [p - lr * (g * scale + mu * vi) for p, g, vi in zip(params, grad, v)]
+        if scale != 1.0:
+            grad = [g * scale for g in grad]
         beta1, beta2 = self.betas
         t = self.state["t"]
         m = self.state["m"] = [beta1 * mi + (1 - beta1) * g for mi, g in zip(self.state["m"], grad)]

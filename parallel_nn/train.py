@@ -229,7 +229,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                 serial_start = time.perf_counter()
                 scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
                 rate = learning_rate(lr, config.lr_schedule, epoch, step, steps_per_epoch, config.epochs)
-                params = optimizer.step(params, [g * scale for g in grad_sum], rate)
+                params = optimizer.step(params, grad_sum, rate, scale)
                 engine.set_params(params)
                 partial["serial"] += time.perf_counter() - serial_start
                 partial["loss"] += loss

@@ -12,6 +12,15 @@ def test_sgd_and_weight_decay():
     assert Optimizer("sgd", 1, weight_decay=0.5).step([2.0], [0.0], 0.1) == pytest.approx([1.9])
 
 
+def test_scale_is_the_same_as_a_scaled_gradient():
+    for name in ("sgd", "momentum", "nesterov", "adam"):
+        a, b = Optimizer(name, 2, weight_decay=0.01), Optimizer(name, 2, weight_decay=0.01)
+        for _ in range(3):
+            pa = a.step([1.0, -2.0], [0.25 * 8, -1.5 * 8], 0.1, scale=1 / 8)
+            pb = b.step([1.0, -2.0], [0.25, -1.5], 0.1)
+        assert pa == pytest.approx(pb, rel=1e-15)
+
+
 def test_momentum_and_nesterov_two_steps():
     opt = Optimizer("momentum", 1, momentum=0.9)
     p = opt.step([1.0], [1.0], 0.1)            # v = 1,    p = 1 - 0.1
