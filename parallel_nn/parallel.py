@@ -140,7 +140,7 @@ class Engine:
         barrier = self._barrier = self.context.Barrier(self.workers) if self.reduce == "workers" else None
         for k in range(self.workers):
             parent_end, child_end = self.context.Pipe()
-            proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, os.getpid(), barrier),
+            proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, barrier),
                                         name=f"parallel_nn-worker-{k}", daemon=True)
             proc.start()
             child_end.close()
@@ -287,13 +287,16 @@ def reduce_slots(slots: memoryview, size: int, which: Sequence[int], start: int 
 # ---- the worker side ----
 
 
-def _worker_main(conn, spec: dict, slot: int, parent_pid: int, barrier=None) -> None:
+def _worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
     # Ctrl-C at a terminal goes to the whole process group; only the parent decides what it means
     # (save, stop the workers). A worker that died of it would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A forked worker inherits the trainer's SIGTERM handler (which only sets a flag); terminate()
     # must end it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The process that started us: the trainer (fork, spawn) or the forkserver, which exits with
+    # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
+    parent_pid = os.getppid()
     segments = {key: shared_memory.SharedMemory(name=name) for key, name in spec["names"].items()}
     sizes, pixels = spec["sizes"], spec["pixels"]
     size = parameter_count(sizes)
@@ -310,7 +313,7 @@ def _worker_main(conn, spec: dict, slot: int, parent_pid: int, barrier=None) -> 
     try:
         while True:
             if not conn.poll(1.0):
-                if os.getppid() != parent_pid:  # the trainer is gone: do not linger as an orphan
+                if os.getppid() != parent_pid:
                     return
                 continue
             message = conn.recv()

@@ -125,7 +125,7 @@ def start_cli(tmp_path, data, *extra):
 def wait_for_workers(proc, count, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(psutil.Process(proc.pid).children()) >= count:
+        if len(psutil.Process(proc.pid).children(recursive=True)) >= count:
             return
         time.sleep(0.05)
     raise AssertionError("workers did not start")
@@ -158,16 +158,24 @@ def _in_group(p, pgid):
         return False
 
 
-def test_a_killed_trainer_leaves_no_orphans(tiny_data, tmp_path):
-    proc = start_cli(tmp_path, tiny_data, "--start-method", "fork")
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_killed_trainer_leaves_no_orphans(tiny_data, tmp_path, method):
+    proc = start_cli(tmp_path, tiny_data, "--start-method", method)
     wait_for_workers(proc, 3)
-    workers = [c.pid for c in psutil.Process(proc.pid).children()]
+    time.sleep(0.5)
+    workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     proc.kill()
     proc.communicate(timeout=10)
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in workers):
+    while time.monotonic() < deadline and any(map(alive, workers)):
         time.sleep(0.1)
-    assert not any(psutil.pid_exists(pid) for pid in workers)
+    assert len(workers) >= 4 and not any(map(alive, workers))  # the workers and the helper processes
 
 
 def test_real_data_process_tree_memory_with_8_workers(real_data):
@@ -232,3 +240,15 @@ def test_a_killed_worker_mid_reduction_is_recovered(tiny_splits):
         expected = engine.gradient(range(1200))
         threading.Timer(0.05, os.kill, (engine.worker_pids()[1], signal.SIGKILL)).start()
         assert engine.gradient(range(1200)) == expected and engine.restarts == 1
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_idle_workers_stay_alive(tiny_splits, method):
+    """Workers check every second that their parent lives; under forkserver that parent is the server."""
+    train_set, test_set = tiny_splits
+    with Engine(SIZES, train_set, test_set, 2, method) as engine:
+        engine.set_params(he_init(SIZES, 0))
+        engine.gradient(range(10))
+        time.sleep(2.5)
+        engine.gradient(range(10))
+        assert engine.restarts == 0
