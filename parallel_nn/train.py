@@ -193,11 +193,14 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
     steps_per_epoch = -(-train_count // config.batch_size)
 
     def save(at_epoch: int, at_step: int, sums: dict) -> None:
+        # The checkpoint first: it alone is enough to resume (and to rewrite the other two), so a
+        # failure after it (a full disk) loses nothing.
         now = Model(model.sizes, params)
-        save_model(run_dir / "weights.json", now)
         save_checkpoint(run_dir / "checkpoint.json", now, {
             "config": asdict(config), "epoch": at_epoch, "step": at_step, "partial": sums,
             "optimizer": optimizer.state_dict(), "metrics": history})
+        save_model(run_dir / "weights.json", now)
+        atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
     engine = Engine(model.sizes, train_set, test_set, config.workers, config.start_method,
                     warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)), reduce=config.reduce)
@@ -264,7 +267,6 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             history.append(metrics)
             epoch, step = epoch + 1, 0
             partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "serial": 0.0}
-            atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
             save(epoch, step, partial)
             progress.say(
                 f"epoch {metrics['epoch']:>2}/{config.epochs}  train loss {metrics['train_loss']:.4f} "

@@ -149,3 +149,28 @@ def test_cli_train_evaluate_gradcheck(tiny_data, tmp_path):
     assert set(result) == {"test_loss", "test_accuracy", "confusion"} and len(result["confusion"]) == 10
     done = cli("gradcheck")
     assert done.returncode == 0 and "ok" in done.stdout
+
+
+def test_a_full_disk_loses_nothing(tiny_data, tmp_path, monkeypatch):
+    import errno
+
+    from parallel_nn import atomic
+
+    train(config(tiny_data, tmp_path / "run", epochs=1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    calls = []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) >= 2:  # config.json fits; the checkpoint at the end of the epoch does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
+    with pytest.raises(UserError, match="checkpoint.json: No space left on device"):
+        train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert sorted(after) == sorted(before)  # no temporary files left behind
+    assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items() if k != "config.json"}
+    monkeypatch.undo()
+    train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))  # and the run still resumes
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
