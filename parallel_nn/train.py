@@ -108,6 +108,11 @@ class Progress:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
 
+    def epoch(self, m: dict, epochs: int) -> None:
+        self.say(f"epoch {m['epoch']:>2}/{epochs}  train loss {m['train_loss']:.4f} acc {100 * m['train_accuracy']:.2f}%  "
+                 f"test loss {m['test_loss']:.4f} acc {100 * m['test_accuracy']:.2f}%  {m['epoch_seconds']:5.1f}s  "
+                 f"{m['examples_per_second']:,.0f} ex/s  serial {m['serial_ms_per_step']:.1f} ms/step  rss {m['peak_rss_mb']:.0f} MB")
+
     def say(self, message: str) -> None:
         if not self.quiet:
             self.clear()
@@ -268,11 +273,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             epoch, step = epoch + 1, 0
             partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "serial": 0.0}
             save(epoch, step, partial)
-            progress.say(
-                f"epoch {metrics['epoch']:>2}/{config.epochs}  train loss {metrics['train_loss']:.4f} "
-                f"acc {100 * metrics['train_accuracy']:.2f}%  test loss {metrics['test_loss']:.4f} "
-                f"acc {100 * metrics['test_accuracy']:.2f}%  {seconds:5.1f}s  {metrics['examples_per_second']:,.0f} ex/s  "
-                f"serial {serial_ms:.1f} ms/step  rss {peak_rss:.0f} MB")
+            progress.epoch(metrics, config.epochs)
     progress.say(f"saved {run_dir / 'weights.json'}, metrics in {run_dir / 'metrics.jsonl'}")
     return history
 
