@@ -73,6 +73,14 @@ def shard_compute_seconds(train, examples: int, repeats: int = 20) -> float:
     return best
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts to measure (default: %(default)s)")
@@ -81,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     train, test, which = data.load()
     cores = psutil.cpu_count(logical=False) or 1
-    machine = (f"{platform.processor() or platform.machine()}, {cores} physical cores, "
+    machine = (f"{cpu_name()}, {cores} physical cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, data: {which}")
     rows = []
     counts = [int(w) for w in args.workers.split(",")]
