@@ -46,7 +46,7 @@ def plot_run(run_dir: str, output: Optional[str] = None) -> Path:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{run_dir}: {metrics[-1]['workers']} workers, test accuracy {100 * metrics[-1]['test_accuracy']:.2f}%")
+    fig.suptitle(f"{Path(run_dir).resolve().name}: {metrics[-1]['workers']} workers, test accuracy {100 * metrics[-1]['test_accuracy']:.2f}%")
     fig.tight_layout()
     out = Path(output) if output else Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=100)
