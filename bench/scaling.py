@@ -25,38 +25,42 @@ from bench import data
 from parallel_nn import mnist, network
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
-from parallel_nn.parallel import Engine, shard
+from parallel_nn.parallel import Engine, SerialTimer, shard
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500
 
 
-def measure(train, test, workers: int, steps: int, reduce: str = "parent") -> dict:
+def measure(workers: int, steps: int, reduce: str = "parent") -> dict:
+    # Loaded here and handed over, as the trainer does: if this process kept its own copy, forked
+    # workers would share those pages and the memory column would count them.
+    train, test, _ = data.load()
+    count = train.count
     params = he_init(SIZES, 0)
     optimizer = Optimizer("momentum", len(params))
     rng = random.Random(0)
-    with Engine(SIZES, train, test, workers, reduce=reduce) as engine:
+    engine = Engine(SIZES, train, test, workers, reduce=reduce)
+    del train, test
+    with engine:
         engine.set_params(params)
         for _ in range(2):  # warm-up: first touches of the shared pages
-            engine.gradient(rng.sample(range(train.count), BATCH))
-        engine.dispatch_seconds = engine.combine_seconds = 0.0
-        update_seconds = 0.0
+            engine.gradient(rng.sample(range(count), BATCH))
+        engine.serial = SerialTimer()
         start = time.perf_counter()
         for _ in range(steps):
-            grad, _, _ = engine.gradient(rng.sample(range(train.count), BATCH))
-            t = time.perf_counter()
-            params = optimizer.step(params, [g / BATCH for g in grad], 0.1)
-            engine.set_params(params)
-            update_seconds += time.perf_counter() - t
+            grad, _, _ = engine.gradient(rng.sample(range(count), BATCH))
+            with engine.serial:
+                params = optimizer.step(params, grad, 0.1, 1 / BATCH)
+                engine.set_params(params)
         step_seconds = (time.perf_counter() - start) / steps
         t = time.perf_counter()
         engine.evaluate()
         eval_seconds = time.perf_counter() - t
         pss = sum(psutil.Process(pid).memory_full_info().pss for pid in [os.getpid(), *engine.worker_pids()]) / 2**20
-    serial_ms = 1000 * (engine.dispatch_seconds + engine.combine_seconds + update_seconds) / steps
     message = pickle.dumps(("grad", shard(list(range(BATCH)), workers)[0], None))
     return {"workers": workers, "reduce": reduce, "step_s": step_seconds, "epoch_s": step_seconds * 120 + eval_seconds,
-            "eval_s": eval_seconds, "serial_ms": serial_ms, "pss_mb": pss, "message_bytes": len(message)}
+            "eval_s": eval_seconds,
+            "serial_ms": 1000 * engine.serial.cpu / steps, "serial_wall_ms": 1000 * engine.serial.wall / steps, "pss_mb": pss, "message_bytes": len(message)}
 
 
 def shard_compute_seconds(train, examples: int, repeats: int = 20) -> float:
@@ -87,30 +91,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="timed steps per worker count (default: %(default)s)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args()
-    train, test, which = data.load()
+    which = data.load()[2]
     cores = psutil.cpu_count(logical=False) or 1
     machine = (f"{cpu_name()}, {cores} physical cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, data: {which}")
     rows = []
     counts = [int(w) for w in args.workers.split(",")]
     for workers, reduce in [(w, "parent") for w in counts] + [(max(counts), "workers")]:
-        rows.append(measure(train, test, workers, args.steps, reduce))
+        rows.append(measure(workers, args.steps, reduce))
         print(f"  measured {workers} worker(s), {reduce} reduces", file=sys.stderr)
     base = rows[0]["epoch_s"]
     lines = [f"machine: {machine}", "",
-             "| workers | who reduces | s/step | s/epoch (120 steps + eval) | speed-up | efficiency | parent serial ms/step | tree PSS MB | step message bytes |",
+             "| workers | who reduces | s/step | s/epoch (120 steps + eval) | speed-up | efficiency | parent serial ms/step: CPU (wall) | tree PSS MB | step message bytes |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         speedup = base / r["epoch_s"]
         efficiency = speedup / min(r["workers"], cores)  # per core actually available
         lines.append(f"| {r['workers']} | {r['reduce']} | {r['step_s']:.3f} | {r['epoch_s']:.1f} | {speedup:.2f}x | {efficiency:.0%} | "
-                     f"{r['serial_ms']:.1f} | {r['pss_mb']:.0f} | {r['message_bytes']} |")
-    shard63 = shard_compute_seconds(train, 63)
+                     f"{r['serial_ms']:.1f} ({r['serial_wall_ms']:.1f}) | {r['pss_mb']:.0f} | {r['message_bytes']} |")
+    shard63 = shard_compute_seconds(data.load()[0], 63)
     serial8 = next((r["serial_ms"] for r in rows if r["workers"] == 8 and r["reduce"] == "parent"), rows[-1]["serial_ms"]) / 1000
     eval8 = rows[0]["eval_s"] / 8
     projected = 120 * (shard63 + serial8) + eval8
     lines += ["", f"8-core projection: a 63-example shard computes in {1000 * shard63:.1f} ms, the parent's serial part at "
-              f"8 workers is {1000 * serial8:.1f} ms, so a step would take ~{1000 * (shard63 + serial8):.0f} ms and an "
+              f"8 workers is {1000 * serial8:.1f} ms of CPU, so a step would take ~{1000 * (shard63 + serial8):.0f} ms and an "
               f"epoch ~{projected:.1f} s (vs {rows[0]['epoch_s']:.1f} s with 1 worker here)."]
     text = "\n".join(lines)
     print(text)

@@ -43,6 +43,26 @@ MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends t
 EVAL_CHUNK = 1000  # test images a worker decodes at a time: bounds its memory
 
 
+class SerialTimer:
+    """Time the parent spends on the serial path (dispatch, combining gradients, the update).
+
+    Both wall time and the parent's CPU time are kept: on a machine with fewer cores than
+    workers, woken workers preempt the parent mid-dispatch, which inflates the wall time but not
+    the work a bigger machine would have to do serially.
+    """
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.thread_time() - self._cpu
+
+
 class WorkerDied(Exception):
     """A worker process exited (killed, out of memory) before answering."""
 
@@ -80,7 +100,7 @@ class Engine:
         self.context = mp.get_context(start_method)
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
         self.restarts = 0
-        self.dispatch_seconds = self.combine_seconds = 0.0  # the parent's serial time, summed
+        self.serial = SerialTimer()  # the trainer adds its update to it too
         self._segments: dict[str, shared_memory.SharedMemory] = {}
         self._procs: list = []
         self._conns: list = []
@@ -194,16 +214,15 @@ class Engine:
 
     def _run(self, messages: list) -> dict[int, tuple]:
         """Send each worker its message (None: nothing to do); collect the replies, watching for deaths."""
-        start = time.perf_counter()
         pending = {}
-        for k, message in enumerate(messages):
-            if message is not None:
-                try:
-                    self._conns[k].send(message)
-                except OSError:
-                    raise WorkerDied(f"worker {k} is gone")
-                pending[k] = self._procs[k].sentinel
-        self.dispatch_seconds += time.perf_counter() - start
+        with self.serial:
+            for k, message in enumerate(messages):
+                if message is not None:
+                    try:
+                        self._conns[k].send(message)
+                    except OSError:
+                        raise WorkerDied(f"worker {k} is gone")
+                    pending[k] = self._procs[k].sentinel
         replies = {}
         while pending:
             ready = set(wait([self._conns[k] for k in pending] + list(pending.values())))
@@ -253,15 +272,14 @@ class Engine:
             messages.append(("grad", piece, part) if piece or self.reduce == "workers" else None)
             start += len(piece)
         replies = self._run_recovering(messages)
-        start = time.perf_counter()
-        size, done = self.size, sorted(replies)  # a fixed order: reproducible for a given worker count
-        if self.reduce == "workers":
-            total = self._reduced.tolist()
-        else:  # total[p] = sum_k slot_k[p], one C-level pass: zip walks the slots' memory side by side
-            total = reduce_slots(self._slots, size, done)
-        loss = sum(replies[k][1] for k in done)
-        correct = sum(replies[k][2] for k in done)
-        self.combine_seconds += time.perf_counter() - start
+        with self.serial:
+            size, done = self.size, sorted(replies)  # a fixed order: reproducible for a given worker count
+            if self.reduce == "workers":
+                total = self._reduced.tolist()
+            else:  # total[p] = sum_k slot_k[p], one C-level pass: zip walks the slots' memory side by side
+                total = reduce_slots(self._slots, size, done)
+            loss = sum(replies[k][1] for k in done)
+            correct = sum(replies[k][2] for k in done)
         return total, loss, correct
 
     def evaluate(self, params: Sequence[float] | None = None) -> tuple[float, list[int]]:
