@@ -79,23 +79,21 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(tiny_data, tmp_path):
     assert [m["test_loss"] for m in resumed] == [m["test_loss"] for m in straight]
 
 
-def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path, workers):
     from parallel_nn.train import Interrupted
 
-    train(config(tiny_data, tmp_path / "straight", epochs=2))
-
-    class Stop(Exception):
-        pass
+    train(config(tiny_data, tmp_path / "straight", epochs=2, workers=workers))
 
     def interrupt_at(epoch, step):
         if (epoch, step) == (1, 5):
             os.kill(os.getpid(), __import__("signal").SIGINT)  # what Ctrl-C does: a flag, checked before the next step
 
     with pytest.raises(Interrupted):
-        train(config(tiny_data, tmp_path / "cut", epochs=2), on_step=interrupt_at)
+        train(config(tiny_data, tmp_path / "cut", epochs=2, workers=workers), on_step=interrupt_at)
     _, checkpoint = load_checkpoint(tmp_path / "cut" / "checkpoint.json")
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 5)
-    train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "cut"))
+    train(config(tiny_data, None, epochs=2, workers=workers), resume=str(tmp_path / "cut"))
     assert load_model(tmp_path / "cut").params == load_model(tmp_path / "straight").params
 
 
