@@ -172,3 +172,14 @@ def test_a_full_disk_loses_nothing(tiny_data, tmp_path, monkeypatch):
     monkeypatch.undo()
     train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))  # and the run still resumes
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_closed_pipe_is_quiet(tiny_data, tmp_path):
+    """`evaluate ... | head -1`: the reader may be gone before the output is flushed."""
+    train(config(tiny_data, tmp_path / "run", epochs=1))
+    proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", "evaluate", str(tmp_path / "run"), "--data-dir", str(tiny_data),
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc.stdout.close()  # nobody will read what it prints
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
