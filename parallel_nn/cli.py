@@ -147,8 +147,14 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
             args.epochs = args.epochs or 10
         if args.workers and args.workers > args.batch_size:
             parser.error(f"--workers {args.workers} is more than --batch-size {args.batch_size}: every worker needs at least one example per step")
-        if args.resume and args.init:
-            parser.error("--resume continues a run from its checkpoint; it cannot be combined with --init")
+        if args.resume:
+            # A resumed run computes what the saved one would have: only how it runs may change.
+            may_change = {"resume", "workers", "epochs", "start_method", "reduce", "quiet", "debug"}
+            changed = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
+                       if dest not in may_change and value != parser.get_default(dest)]
+            if changed:
+                parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "
+                             "(allowed: --workers, --epochs, --start-method, --reduce, --quiet)")
     return command, args
 
 

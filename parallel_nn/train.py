@@ -157,10 +157,10 @@ def prepare(config: Config, resume: Optional[str]) -> tuple[Config, Model, Optio
     if resume:
         model, checkpoint = load_checkpoint(Path(resume) / "checkpoint.json")
         saved = Config.from_dict(checkpoint["config"])
-        # What may change on resume: how it runs, not what it computes (except extending --epochs).
+        # What may change on resume: how it runs, not what it computes, and how many epochs in all.
         for key in ("workers", "start_method", "quiet", "reduce"):
             setattr(saved, key, getattr(config, key))
-        saved.epochs = max(saved.epochs, config.epochs) if config.epochs else saved.epochs
+        saved.epochs = config.epochs or saved.epochs
         saved.run_dir = str(resume)
         return saved, model, checkpoint
     sizes = layer_sizes(mnist.PIXELS, config.hidden, mnist.CLASSES)

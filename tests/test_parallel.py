@@ -149,6 +149,13 @@ def test_ctrl_c_to_the_process_group_saves_and_exits_130(tiny_data, tmp_path, me
     time.sleep(0.2)
     assert not [p for p in psutil.process_iter(["pid"]) if _in_group(p, pgid)]
     assert shm_segments() <= before
+    # and the printed --resume command finishes the run (here cut short to one more epoch)
+    from parallel_nn.checkpoint import load_checkpoint
+    epoch = load_checkpoint(tmp_path / "run" / "checkpoint.json")[1]["epoch"]
+    done = subprocess.run([sys.executable, "-m", "parallel_nn", "--resume", str(tmp_path / "run"), "--epochs", str(epoch + 1),
+                           "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == epoch + 1
 
 
 def _in_group(p, pgid):

@@ -121,6 +121,8 @@ def cli(*args, cwd=ROOT):
     (["--lr", "-0.1"], "--lr"),
     (["--hidden", "0"], "--hidden: every hidden layer needs at least 1 unit"),
     (["--optimizer", "rmsprop"], "invalid choice"),
+    (["--resume", "runs/x", "--lr", "0.5"], "--lr cannot change"),
+    (["--resume", "runs/x", "--init", "w.json"], "--init cannot change"),
 ])
 def test_nonsense_flags_are_usage_errors(args, message):
     done = cli(*args)
