@@ -12,19 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from . import UserError, atomic
-from .network import Model, parameter_count
+from .network import Model, parameter_count, unflatten
 
 WEIGHTS_FORMAT = "parallel_nn.weights/1"
 CHECKPOINT_FORMAT = "parallel_nn.checkpoint/1"
 
 
 def weights_json(model: Model) -> dict[str, Any]:
-    layers, k = [], 0
-    for fan_in, fan_out in zip(model.sizes, model.sizes[1:]):
-        W = [model.params[k + j * fan_in : k + (j + 1) * fan_in] for j in range(fan_out)]
-        k += fan_in * fan_out
-        layers.append({"W": W, "b": model.params[k : k + fan_out]})
-        k += fan_out
+    layers = [{"W": W, "b": b} for W, b in unflatten(model.params, model.sizes)]
     return {"format": WEIGHTS_FORMAT, "layer_sizes": list(model.sizes), "layers": layers}
 
 

@@ -15,7 +15,7 @@ from dataclasses import fields
 
 import psutil
 
-from . import UserError, __version__
+from . import UserError
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
 from .parallel import REDUCERS, START_METHODS
 
@@ -31,7 +31,7 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -41,7 +41,7 @@ def non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
@@ -58,7 +58,7 @@ def layer_list(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes, e.g. 32,32")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes, e.g. 32,32") from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"every hidden layer needs at least 1 unit, got {text!r}")
     return sizes

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import random
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -155,8 +155,6 @@ def shift_image(image: bytes, dx: int, dy: int, side: int = 28) -> bytes:
 
 def random_shifts(count: int, most: int, seed: str) -> bytes:
     """(dx + 128, dy + 128) for `count` images, dx and dy uniform in [-most, most], from a string seed."""
-    import random
-
     rng = random.Random(seed)
     return bytes(v + 128 for _ in range(count) for v in (rng.randint(-most, most), rng.randint(-most, most)))
 

@@ -129,6 +129,3 @@ class Model:
 
     sizes: list[int]
     params: list[float]
-
-    def layers(self) -> list[Layer]:
-        return unflatten(self.params, self.sizes)

@@ -134,7 +134,7 @@ def tree_pss_mb(pids: list[int]) -> Optional[float]:
     total = 0
     for pid in [os.getpid(), *pids]:
         try:
-            total += getattr(psutil.Process(pid).memory_full_info(), "pss")
+            total += psutil.Process(pid).memory_full_info().pss  # no pss field off Linux
         except (psutil.Error, AttributeError):
             return None
     return total / 2**20

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from parallel_nn import mnist
-from parallel_nn.network import he_init, parameter_count
+from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
 from parallel_nn.parallel import Engine, WorkerCrashed, shard
 from parallel_nn.train import Config, train
