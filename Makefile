@@ -1,19 +1,19 @@
 # parallel_nn — `make train` and `make test` are all a new user needs.
-PYTHON ?= python3
-VENV   := .venv
+#
+# The interpreter: `make ... PYTHON=python3.12` chooses one; without PYTHON, the venv is built with
+# the fastest that works here (tools/pythons: PyPy, then the newest CPython >= 3.12, then python3),
+# and rebuilt when that choice, pyproject.toml or EXTRAS change. EXTRAS=dev,ray adds the Ray backend
+# (CPython only: Ray has no PyPy build).
+PYTHON ?=
+VENV   ?= .venv
+EXTRAS ?= dev
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: install datasets train test bench clean
+.PHONY: install datasets train test bench bench-interpreters clean
 
-# The virtual environment is rebuilt whenever pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $@
-
-install: $(VENV)/.installed
+install:
+	@tools/venv $(VENV) $(EXTRAS) $(PYTHON)
 
 datasets: install
 	$(PY) -m parallel_nn download
@@ -28,6 +28,10 @@ bench: datasets
 	$(PY) -m pytest --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
 	$(PY) -m bench.scaling
 
+# Every supported interpreter found here, side by side (each gets its own venv, .venv-<name>).
+bench-interpreters: datasets
+	$(PY) -m bench.interpreters
+
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks *.egg-info
+	rm -rf $(VENV) $(VENV).old .venv-* .pytest_cache .benchmarks *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -25,7 +25,8 @@ from bench import data
 from parallel_nn import mnist, network
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
-from parallel_nn.parallel import Engine, SerialTimer, shard
+from parallel_nn.engine import SerialTimer, shard
+from parallel_nn.local import LocalEngine as Engine
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500

@@ -19,7 +19,7 @@ from bench import textbook
 from parallel_nn import mnist, network
 from parallel_nn.network import he_init, parameter_count
 from parallel_nn.optim import Optimizer
-from parallel_nn.parallel import Engine
+from parallel_nn.local import LocalEngine as Engine
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500

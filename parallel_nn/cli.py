@@ -17,7 +17,8 @@ import psutil
 
 from . import UserError
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
-from .parallel import REDUCERS, START_METHODS
+from .engine import BACKENDS
+from .local import REDUCERS, START_METHODS
 
 COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot")
 DEFAULT_DATA = "datasets/mnist"
@@ -86,6 +87,12 @@ def train_parser() -> argparse.ArgumentParser:
                "(`python -m parallel_nn COMMAND --help`)",
     )
     _engine_flags(p, None)
+    p.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="where the workers run: local processes sharing memory, or Ray actors on a cluster "
+                        "(needs the extra: pip install -e '.[ray]'; default: %(default)s)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to join, e.g. 10.0.0.5:6379 (only with --backend ray; "
+                        "default: $RAY_ADDRESS, else a private local Ray instance sized to --workers)")
     p.add_argument("--reduce", choices=REDUCERS, default="parent",
                    help="who sums the workers' gradients: the parent, or the workers in parallel after a barrier "
                         "(same result to the bit; default: %(default)s)")
@@ -147,14 +154,18 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
             args.epochs = args.epochs or 10
         if args.workers and args.workers > args.batch_size:
             parser.error(f"--workers {args.workers} is more than --batch-size {args.batch_size}: every worker needs at least one example per step")
+        if args.ray_address is not None and args.backend != "ray":
+            parser.error("--ray-address needs --backend ray")
+        if args.backend == "ray" and args.reduce != "parent":
+            parser.error("--reduce workers is a shared-memory reduction of the local backend; on Ray the driver reduces")
         if args.resume:
             # A resumed run computes what the saved one would have: only how it runs may change.
-            may_change = {"resume", "workers", "epochs", "start_method", "reduce", "quiet", "debug"}
+            may_change = {"resume", "workers", "epochs", "start_method", "reduce", "quiet", "debug", "backend", "ray_address"}
             changed = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
                        if dest not in may_change and value != parser.get_default(dest)]
             if changed:
                 parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "
-                             "(allowed: --workers, --epochs, --start-method, --reduce, --quiet)")
+                             "(allowed: --workers, --epochs, --start-method, --reduce, --backend, --ray-address, --quiet)")
     return command, args
 
 

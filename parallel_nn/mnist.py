@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import UserError, atomic
+from .kernels import sparse_rows
 from .tensor import SparseMatrix
 
 PIXELS = 28 * 28
@@ -133,7 +134,7 @@ def decode_batch(images: bytes | memoryview, indices: Sequence[int], pixels: int
     else:
         raw = b"".join([shift_image(bytes(images[k * pixels : (k + 1) * pixels]), shifts[2 * n] - 128, shifts[2 * n + 1] - 128)
                         for n, k in enumerate(indices)])
-    return SparseMatrix(raw, pixels, PIXEL_VALUES)
+    return SparseMatrix(raw, pixels, PIXEL_VALUES, sparse_rows)
 
 
 def shift_image(image: bytes, dx: int, dy: int, side: int = 28) -> bytes:

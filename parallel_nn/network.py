@@ -14,8 +14,9 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from .tensor import (SparseMatrix, Tensor2D, Vector, column_sums, linear, matmul_bt, relu, relu_backward,
-                     sparse_linear, sparse_weight_grad, transpose, weight_grad)
+from .kernels import (column_sums, input_grad, linear, relu, relu_backward, sparse_linear, sparse_weight_grad,
+                      weight_grad)
+from .tensor import SparseMatrix, Tensor2D, Vector
 
 Layer = tuple[Tensor2D, Vector]  # (W, b)
 
@@ -110,7 +111,7 @@ def loss_and_gradient(layers: Sequence[Layer], X: SparseMatrix, labels: Sequence
         dW = sparse_weight_grad(dZ, A) if depth == 0 else weight_grad(dZ, A)
         grads.append((dW, column_sums(dZ)))
         if depth > 0:
-            dA = matmul_bt(dZ, transpose(W))  # dA[n][i] = sum_j dZ[n][j] * W[j][i]
+            dA = input_grad(dZ, W)  # dA[n][i] = sum_j dZ[n][j] * W[j][i]
             dZ = relu_backward(dA, Zs[depth - 1])
     grads.reverse()
     return grads, loss, correct

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .kernels import momentum_update, sgd_update
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 0.001}
 SCHEDULES = ("constant", "step", "cosine")
@@ -40,14 +42,12 @@ class Optimizer:
             wd = self.weight_decay
             grad, scale = [g * scale + wd * p for g, p in zip(grad, params)], 1.0
         if self.name == "sgd":
-            return [p - lr * (g * scale) for p, g in zip(params, grad)]
+            return sgd_update(params, grad, lr, scale)
         if self.name in ("momentum", "nesterov"):
-            mu = self.momentum
-            v = self.state["v"] = [mu * vi + g * scale for vi, g in zip(self.state["v"], grad)]
-            if self.name == "momentum":  # v = mu v + g; p -= lr v   (PyTorch's convention)
-                return [p - lr * vi for p, vi in zip(params, v)]
-            # Nesterov: step along the look-ahead direction g + mu v
-            return [p - lr * (g * scale + mu * vi) for p, g, vi in zip(params, grad, v)]
+            # v = mu v + g; p -= lr v (PyTorch's convention), or for Nesterov p -= lr (g + mu v)
+            params, self.state["v"] = momentum_update(params, self.state["v"], grad, lr, self.momentum, scale,
+                                                      self.name == "nesterov")
+            return params
         if scale != 1.0:
             grad = [g * scale for g in grad]
         beta1, beta2 = self.betas

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+from array import array
 from itertools import compress
 from operator import itemgetter, mul
 from typing import Callable, Sequence, Union
@@ -109,9 +110,44 @@ def weight_grad(dZ: Tensor2D, A: Tensor2D) -> Tensor2D:
     return [[dot(dz, a) for a in AT] for dz in zip(*dZ)]
 
 
+def input_grad(dZ: Tensor2D, W: Tensor2D) -> Tensor2D:
+    """dA[n][i] = sum_j dZ[n][j] * W[j][i]: dZ times W, with W's columns transposed once."""
+    return matmul_bt(dZ, transpose(W))
+
+
 def column_sums(dZ: Tensor2D) -> Vector:
     """db[j] = sum_n dZ[n][j]"""
     return [sum(column) for column in zip(*dZ)]
+
+
+def doubles(buffer) -> memoryview:
+    """A float64 buffer (bytes, or a view of shared memory) seen as floats, without a copy."""
+    view = memoryview(buffer)
+    return view if view.format == "d" else view.cast("d")
+
+
+def floats(buffer) -> Vector:
+    """The float64 values in a buffer as a list."""
+    return doubles(buffer).tolist()
+
+
+def add_into(total: Vector, part: Sequence[float]) -> None:
+    """total[p] += part[p], in place (the reduction's inner loop)."""
+    total[:] = map(operator.add, total, part)
+
+
+def sgd_update(params: Vector, grad: Vector, lr: float, scale: float) -> Vector:
+    """p - lr * (scale * g), for every parameter."""
+    return [p - lr * (g * scale) for p, g in zip(params, grad)]
+
+
+def momentum_update(params: Vector, v: Vector, grad: Vector, lr: float, mu: float, scale: float,
+                    nesterov: bool) -> tuple[Vector, Vector]:
+    """(new params, new v): v = mu v + scale g; p - lr v, or p - lr (scale g + mu v) for Nesterov."""
+    v = [mu * vi + g * scale for vi, g in zip(v, grad)]
+    if nesterov:
+        return [p - lr * (g * scale + mu * vi) for p, g, vi in zip(params, grad, v)], v
+    return [p - lr * vi for p, vi in zip(params, v)], v
 
 
 def _gatherer(indices: list[int]) -> Callable[[Sequence[float]], Sequence[float]]:
@@ -130,11 +166,12 @@ class SparseMatrix:
     two sparse views the forward and backward passes need, built with C-level `compress`.
     """
 
-    def __init__(self, raw: bytes, width: int, table: Sequence[float]):
+    def __init__(self, raw: bytes, width: int, table: Sequence[float], decode_rows: "Callable | None" = None):
         if width <= 0 or len(raw) % width:
             raise ValueError(f"{len(raw)} bytes do not make rows of {width}")
         self.raw, self.width, self.table = bytes(raw), width, table
         self.height = len(raw) // width
+        self._decode_rows = decode_rows or sparse_rows  # kernels.sparse_rows picks the interpreter's
         self._rows: list[tuple[list[int], Vector]] | None = None
         self._columns: list[tuple[int, list[int], Vector]] | None = None
 
@@ -142,11 +179,7 @@ class SparseMatrix:
     def rows(self) -> list[tuple[list[int], Vector]]:
         """Per row n: (the columns i where X[n][i] != 0, those values)."""
         if self._rows is None:
-            positions, decode, raw, w = range(self.width), self.table.__getitem__, self.raw, self.width
-            self._rows = []
-            for start in range(0, len(raw), w):
-                row = raw[start : start + w]
-                self._rows.append((list(compress(positions, row)), list(map(decode, compress(row, row)))))
+            self._rows = self._decode_rows(self.raw, self.width, self.table)
         return self._rows
 
     @property
@@ -165,6 +198,15 @@ class SparseMatrix:
         decode = self.table.__getitem__
         w = self.width
         return [list(map(decode, self.raw[s : s + w])) for s in range(0, len(self.raw), w)]
+
+
+def sparse_rows(raw: bytes, width: int, table: Sequence[float]) -> list[tuple[list[int], Vector]]:
+    """Per row of `width` bytes: (positions of its non-zero bytes, table[byte] for each), with C-level compress."""
+    positions, decode, rows = range(width), table.__getitem__, []
+    for start in range(0, len(raw), width):
+        row = raw[start : start + width]
+        rows.append((list(compress(positions, row)), list(map(decode, compress(row, row)))))
+    return rows
 
 
 def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:

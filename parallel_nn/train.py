@@ -24,7 +24,8 @@ from . import UserError, atomic, mnist
 from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from .network import Model, he_init, layer_sizes
 from .optim import DEFAULT_LR, Optimizer, learning_rate
-from .parallel import Engine, SerialTimer, WorkerCrashed
+from .engine import SerialTimer, WorkerCrashed, create_engine
+from .kernels import KIND, interpreter
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Config:
     init: Optional[str] = None
     start_method: Optional[str] = None  # None: the platform's default
     reduce: str = "parent"  # who sums the workers' gradients: the parent, or the workers themselves
+    backend: str = "local"  # where the workers run: local processes, or Ray actors
+    ray_address: Optional[str] = None  # the Ray cluster to join (None: RAY_ADDRESS, else a private instance)
     quiet: bool = False
 
     @classmethod
@@ -152,13 +155,17 @@ def _timestamp_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
+# What --resume may change: how a run is executed, never what it computes.
+RUNS_ANYWHERE = ("workers", "start_method", "quiet", "reduce", "backend", "ray_address")
+
+
 def prepare(config: Config, resume: Optional[str]) -> tuple[Config, Model, Optional[dict]]:
     """Resolve a fresh run or a resumed one into (config, starting model, checkpoint or None)."""
     if resume:
         model, checkpoint = load_checkpoint(Path(resume) / "checkpoint.json")
         saved = Config.from_dict(checkpoint["config"])
         # What may change on resume: how it runs, not what it computes, and how many epochs in all.
-        for key in ("workers", "start_method", "quiet", "reduce"):
+        for key in RUNS_ANYWHERE:
             setattr(saved, key, getattr(config, key))
         saved.epochs = config.epochs or saved.epochs
         saved.run_dir = str(resume)
@@ -184,7 +191,8 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
     train_count, test_labels = train_set.count, test_set.labels
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(run_dir / "config.json", asdict(config), indent=2)
+    python = interpreter()
+    atomic.write_json(run_dir / "config.json", {**asdict(config), "python": python}, indent=2)
 
     optimizer = Optimizer(config.optimizer, len(model.params), momentum=config.momentum, weight_decay=config.weight_decay)
     epoch, step, partial, history = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}, []
@@ -192,6 +200,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
         optimizer.load_state_dict(checkpoint["optimizer"])
         epoch, step, partial, history = checkpoint["epoch"], checkpoint["step"], checkpoint["partial"], checkpoint.get("metrics", [])
         progress.say(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
+    progress.say(f"python: {python} ({KIND} kernels); backend: {config.backend}")
     progress.say(f"config: {json.dumps(asdict(config))}")
     lr = config.resolved_lr()
     params = model.params
@@ -207,8 +216,9 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
         save_model(run_dir / "weights.json", now)
         atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
-    engine = Engine(model.sizes, train_set, test_set, config.workers, config.start_method,
-                    warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)), reduce=config.reduce)
+    engine = create_engine(config.backend, model.sizes, train_set, test_set, config.workers,
+                           start_method=config.start_method, reduce=config.reduce, address=config.ray_address,
+                           warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)))
     del train_set, test_set  # the engine holds the only copy until it moves it into shared memory
     with StopFlag() as stop, engine:
         engine.set_params(params)
@@ -217,7 +227,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             order = epoch_order(train_count, config.seed, epoch, config.shuffle)
             started = time.perf_counter() - partial["seconds"]
             engine.serial = SerialTimer()
-            steps_timed = 0
+            steps_timed, sent, received = 0, engine.bytes_sent, engine.bytes_received
             while step < steps_per_epoch:
                 if stop.requested:
                     partial["seconds"] = time.perf_counter() - started
@@ -252,6 +262,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                 if on_step:
                     on_step(epoch, step)
             seconds = time.perf_counter() - started
+            sent, received = engine.bytes_sent - sent, engine.bytes_received - received  # the steps' traffic, not evaluation's
             test_loss, predictions = engine.evaluate()
             correct_test = sum(p == y for p, y in zip(predictions, test_labels))
             peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
@@ -263,13 +274,18 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                 "test_accuracy": correct_test / max(1, len(test_labels)),
                 "epoch_seconds": round(seconds, 3),
                 "examples_per_second": round(partial["seen"] / seconds, 1),
-                "workers": config.workers,
+                "workers": engine.workers,
                 "peak_rss_mb": round(peak_rss, 1),
                 "pss_mb": None if (p := tree_pss_mb(engine.worker_pids())) is None else round(p, 1),
                 # the parent's serial path per step (dispatch + combine + update): CPU, and wall time
                 "serial_ms_per_step": round(1000 * engine.serial.cpu / max(1, steps_timed), 3),
                 "serial_wall_ms_per_step": round(1000 * engine.serial.wall / max(1, steps_timed), 3),
                 "lr": rate,
+                "python": python,
+                "backend": config.backend,
+                "nodes": engine.nodes(),
+                "bytes_sent_per_step": round(sent / max(1, steps_timed)),
+                "bytes_received_per_step": round(received / max(1, steps_timed)),
             }
             history.append(metrics)
             epoch, step = epoch + 1, 0
@@ -287,7 +303,7 @@ def evaluate(weights: str, data_dir: str, workers: int, start_method: Optional[s
     test_set = mnist.load_split(data_dir, "t10k").limit(limit_test)
     empty = mnist.Split(b"", b"", test_set.rows, test_set.cols)
     labels = test_set.labels
-    engine = Engine(model.sizes, empty, test_set, workers, start_method)
+    engine = create_engine("local", model.sizes, empty, test_set, workers, start_method=start_method)
     del test_set
     with engine:
         loss, predictions = engine.evaluate(model.params)

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from bench import textbook
-from parallel_nn import gradcheck, mnist, network
+from parallel_nn import gradcheck, loops, mnist, network, tensor
 from parallel_nn.tensor import SparseMatrix
 
 
@@ -49,11 +49,17 @@ def batch(count=40, seed=0):
     return raw, [rng.randrange(10) for _ in range(count)]
 
 
-def test_gradient_matches_the_textbook_implementation():
+@pytest.mark.parametrize("kernels", [tensor, loops], ids=["idioms", "loops"])
+def test_gradient_matches_the_textbook_implementation(kernels, monkeypatch):
+    """Both kernel sets, whichever this interpreter picks by default (network.py imports them by name)."""
+    for name in ("linear", "relu", "relu_backward", "weight_grad", "input_grad", "column_sums", "sparse_linear",
+                 "sparse_weight_grad"):
+        monkeypatch.setattr(network, name, getattr(kernels, name))
     sizes = [784, 16, 12, 10]
     params = network.he_init(sizes, 1)
     raw, labels = batch()
-    grads, loss, correct = network.loss_and_gradient(network.unflatten(params, sizes), SparseMatrix(raw, 784, mnist.PIXEL_VALUES), labels)
+    X = SparseMatrix(raw, 784, mnist.PIXEL_VALUES, kernels.sparse_rows)
+    grads, loss, correct = network.loss_and_gradient(network.unflatten(params, sizes), X, labels)
     ref_loss, ref_grads = textbook.mean_loss_and_gradient(textbook.unflatten(params, sizes), textbook.decode(raw, range(len(labels))), labels)
     assert loss / len(labels) == pytest.approx(ref_loss, rel=1e-12)
     ours = [g / len(labels) for g in network.flatten(grads)]

@@ -1,7 +1,9 @@
 """The engine: exact for any worker count and start method, and it never hangs, leaks or orphans."""
 
 import glob
+import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import pytest
 from parallel_nn import mnist
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
-from parallel_nn.parallel import Engine, WorkerCrashed, shard
+from parallel_nn.engine import WorkerCrashed, shard
+from parallel_nn.local import LocalEngine as Engine
 from parallel_nn.train import Config, train
 
 SIZES = [784, 32, 32, 10]
@@ -59,15 +62,26 @@ def test_same_trajectory_for_1_2_3_8_workers(tiny_splits, method):
     assert shm_segments() <= before  # everything created was unlinked
 
 
+def long_step(engine) -> list[int]:
+    """A batch whose step takes >= ~0.4 s on this interpreter (PyPy's JIT runs 1,200 examples in a
+    few ms), so that a kill 0.1 s in lands mid-step."""
+    for _ in range(2):  # the second after the JIT has warmed up
+        started = time.perf_counter()
+        engine.gradient(range(1200))
+        elapsed = time.perf_counter() - started
+    return list(range(1200)) * max(1, math.ceil(0.4 / elapsed))
+
+
 def test_a_killed_worker_is_replaced_and_the_step_redone(tiny_splits):
     train_set, test_set = tiny_splits
     warnings = []
     with Engine(SIZES, train_set, test_set, 2, "fork", warn=warnings.append) as engine:
         engine.set_params(he_init(SIZES, 0))
-        expected = engine.gradient(range(1200))
+        batch = long_step(engine)
+        expected = engine.gradient(batch)
         victim = engine.worker_pids()[0]
-        threading.Timer(0.05, os.kill, (victim, signal.SIGKILL)).start()
-        got = engine.gradient(range(1200))
+        threading.Timer(0.1, os.kill, (victim, signal.SIGKILL)).start()
+        got = engine.gradient(batch)
         assert engine.restarts == 1 and victim not in engine.worker_pids()
         assert got == expected  # the step was redone from the same weights: identical
         assert "died: killed by signal 9" in warnings[0]
@@ -192,7 +206,7 @@ def test_real_data_process_tree_memory_with_8_workers(real_data):
 import os, psutil
 from parallel_nn import mnist
 from parallel_nn.network import he_init
-from parallel_nn.parallel import Engine
+from parallel_nn.local import LocalEngine as Engine
 if __name__ == "__main__":
     train_set, test_set = mnist.load({str(real_data)!r})
     engine = Engine({SIZES}, train_set, test_set, 8)
@@ -207,7 +221,10 @@ if __name__ == "__main__":
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     megabytes = int(done.stdout.split()[-1]) / 2**20
-    assert megabytes < 250, f"{megabytes:.0f} MB"
+    # PyPy's runtime (JIT, its own GC nursery) costs ~40 MB more per process than CPython; the
+    # interpreter issue's bound for it is 1 GB at 8 workers.
+    bound = 1024 if platform.python_implementation() == "PyPy" else 250
+    assert megabytes < bound, f"{megabytes:.0f} MB"
 
 
 def test_augmented_steps_are_the_same_for_any_worker_count(tiny_splits):
@@ -244,9 +261,10 @@ def test_a_killed_worker_mid_reduction_is_recovered(tiny_splits):
     train_set, test_set = tiny_splits
     with Engine(SIZES, train_set, test_set, 3, "fork", warn=lambda m: None, reduce="workers") as engine:
         engine.set_params(he_init(SIZES, 0))
-        expected = engine.gradient(range(1200))
-        threading.Timer(0.05, os.kill, (engine.worker_pids()[1], signal.SIGKILL)).start()
-        assert engine.gradient(range(1200)) == expected and engine.restarts == 1
+        batch = long_step(engine)
+        expected = engine.gradient(batch)
+        threading.Timer(0.1, os.kill, (engine.worker_pids()[1], signal.SIGKILL)).start()
+        assert engine.gradient(batch) == expected and engine.restarts == 1
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])

@@ -1,10 +1,12 @@
-"""Every kernel against its plain definition; the broadcasting ops against element-by-element loops."""
+"""Every kernel, in both variants (tensor.py's C idioms and loops.py's plain loops for the JIT),
+against its plain definition; the broadcasting ops against element-by-element loops."""
 
 import random
+from array import array
 
 import pytest
 
-from parallel_nn import tensor
+from parallel_nn import loops, tensor
 from parallel_nn.mnist import PIXEL_VALUES
 from parallel_nn.tensor import SparseMatrix
 
@@ -52,17 +54,38 @@ def test_broadcasting(op, f, rng):
         op(A, [[1.0, 2.0]])
 
 
-def test_dense_kernels(rng):
+KERNELS = pytest.mark.parametrize("k", [tensor, loops], ids=["idioms", "loops"])
+
+
+@KERNELS
+def test_dense_kernels(rng, k):
     A, W, b = rand_matrix(7, 5, rng), rand_matrix(3, 5, rng), [rng.uniform(-1, 1) for _ in range(3)]
     expected = [[sum(A[n][i] * W[j][i] for i in range(5)) + b[j] for j in range(3)] for n in range(7)]
-    assert close(tensor.linear(A, W, b), expected)
+    assert close(k.linear(A, W, b), expected)
     dZ = rand_matrix(7, 3, rng)
-    assert close(tensor.weight_grad(dZ, A), [[sum(dZ[n][j] * A[n][i] for n in range(7)) for i in range(5)] for j in range(3)])
-    assert close([tensor.column_sums(dZ)], [[sum(dZ[n][j] for n in range(7)) for j in range(3)]])
+    assert close(k.weight_grad(dZ, A), [[sum(dZ[n][j] * A[n][i] for n in range(7)) for i in range(5)] for j in range(3)])
+    assert close(k.input_grad(dZ, W), [[sum(dZ[n][j] * W[j][i] for j in range(3)) for i in range(5)] for n in range(7)])
+    assert close([k.column_sums(dZ)], [[sum(dZ[n][j] for n in range(7)) for j in range(3)]])
     Z = rand_matrix(7, 3, rng)
     Z[0][0] = 0.0  # the derivative at exactly zero is zero
-    assert tensor.relu(Z) == [[max(z, 0.0) for z in row] for row in Z]
-    assert tensor.relu_backward(dZ, Z) == [[d if z > 0 else 0.0 for d, z in zip(dr, zr)] for dr, zr in zip(dZ, Z)]
+    assert k.relu(Z) == [[max(z, 0.0) for z in row] for row in Z]
+    assert k.relu_backward(dZ, Z) == [[d if z > 0 else 0.0 for d, z in zip(dr, zr)] for dr, zr in zip(dZ, Z)]
+
+
+@KERNELS
+def test_update_and_buffer_kernels(rng, k):
+    params, v, grad = ([rng.uniform(-1, 1) for _ in range(50)] for _ in range(3))
+    lr, mu, scale = 0.1, 0.9, 1 / 7
+    assert k.sgd_update(params, grad, lr, scale) == [p - lr * (g * scale) for p, g in zip(params, grad)]
+    new_v = [mu * vi + g * scale for vi, g in zip(v, grad)]
+    assert k.momentum_update(params, v, grad, lr, mu, scale, False) == ([p - lr * vi for p, vi in zip(params, new_v)], new_v)
+    nesterov = [p - lr * (g * scale + mu * vi) for p, g, vi in zip(params, grad, new_v)]
+    assert k.momentum_update(params, v, grad, lr, mu, scale, True) == (nesterov, new_v)
+    raw = array("d", params).tobytes()
+    assert list(k.floats(raw)) == params and list(k.floats(memoryview(raw).cast("d"))) == params
+    total = list(params)
+    k.add_into(total, grad)
+    assert total == [p + g for p, g in zip(params, grad)]
 
 
 def sparse_case(rng, rows=9, width=30):
@@ -77,14 +100,21 @@ def sparse_case(rng, rows=9, width=30):
     return SparseMatrix(bytes(raw), width, PIXEL_VALUES)
 
 
-def test_sparse_views_and_kernels(rng):
+@KERNELS
+def test_sparse_views_and_kernels(rng, k):
     X = sparse_case(rng)
+    X = SparseMatrix(X.raw, X.width, PIXEL_VALUES, k.sparse_rows)
     dense = [[b / 255.0 for b in X.raw[r * X.width : (r + 1) * X.width]] for r in range(X.height)]
     assert X.dense() == dense
     assert [[(i, v) for i, v in zip(*row)] for row in X.rows] == [[(i, v) for i, v in enumerate(r) if v] for r in dense]
     W, b = rand_matrix(4, X.width, rng), [rng.uniform(-1, 1) for _ in range(4)]
-    assert close(tensor.sparse_linear(X, W, b), tensor.linear(dense, W, b))
+    assert close(k.sparse_linear(X, W, b), plain_matmul_bias(dense, W, b))
     dZ = rand_matrix(X.height, 4, rng)
-    assert close(tensor.sparse_weight_grad(dZ, X), tensor.weight_grad(dZ, dense))
+    expected = [[sum(dZ[n][j] * dense[n][i] for n in range(X.height)) for i in range(X.width)] for j in range(4)]
+    assert close(k.sparse_weight_grad(dZ, X), expected)
     with pytest.raises(ValueError):
         SparseMatrix(b"abc", 2, PIXEL_VALUES)
+
+
+def plain_matmul_bias(A, W, b):
+    return [[sum(a[i] * W[j][i] for i in range(len(a))) + b[j] for j in range(len(W))] for a in A]

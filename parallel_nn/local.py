@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 import time
@@ -33,57 +34,19 @@ from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from . import UserError
-from .mnist import Split, decode_batch
-from .network import loss_and_gradient, parameter_count, predict, unflatten
+from .engine import (SerialTimer, WorkerCrashed, WorkerDied, batch_messages, eval_ranges, reduce_sums, shard,
+                     shard_gradient, shard_predictions, unpack_indices)
+from .kernels import floats
+from .mnist import Split
+from .network import parameter_count
 
 START_METHODS = ("fork", "spawn", "forkserver")
 REDUCERS = ("parent", "workers")
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
-EVAL_CHUNK = 1000  # test images a worker decodes at a time: bounds its memory
 
 
-class SerialTimer:
-    """Time the parent spends on the serial path (dispatch, combining gradients, the update).
-
-    Both wall time and the parent's CPU time are kept: on a machine with fewer cores than
-    workers, woken workers preempt the parent mid-dispatch, which inflates the wall time but not
-    the work a bigger machine would have to do serially.
-    """
-
-    def __init__(self):
-        self.wall = self.cpu = 0.0
-
-    def __enter__(self):
-        self._wall, self._cpu = time.perf_counter(), time.thread_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall += time.perf_counter() - self._wall
-        self.cpu += time.thread_time() - self._cpu
-
-
-class WorkerDied(Exception):
-    """A worker process exited (killed, out of memory) before answering."""
-
-
-class WorkerCrashed(UserError):
-    """Workers kept dying: the run stops (the trainer saves a resumable checkpoint first)."""
-
-
-def shard(indices: Sequence[int], workers: int) -> list[list[int]]:
-    """Contiguous pieces whose sizes differ by at most one (500 over 8: four of 63, four of 62)."""
-    n, extra = divmod(len(indices), workers)
-    pieces, start = [], 0
-    for k in range(workers):
-        size = n + (k < extra)
-        pieces.append(list(indices[start : start + size]))
-        start += size
-    return pieces
-
-
-class Engine:
-    """`with Engine(...) as engine:` — gradient() and evaluate() run on `workers` processes."""
+class LocalEngine:
+    """`with LocalEngine(...) as engine:` — gradient() and evaluate() run on `workers` processes."""
 
     def __init__(self, sizes: Sequence[int], train: Split, test: Split | None, workers: int,
                  start_method: str | None = None, warn: Callable[[str], None] | None = None, reduce: str = "parent"):
@@ -100,6 +63,7 @@ class Engine:
         self.context = mp.get_context(start_method)
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
         self.restarts = 0
+        self.bytes_sent = self.bytes_received = 0  # pickled messages over the pipes, both ways
         self.serial = SerialTimer()  # the trainer adds its update to it too
         self._segments: dict[str, shared_memory.SharedMemory] = {}
         self._procs: list = []
@@ -107,7 +71,7 @@ class Engine:
 
     # ---- lifetime ----
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> "LocalEngine":
         self.start()
         return self
 
@@ -138,7 +102,7 @@ class Engine:
             # only to the workers that touch them. The segment itself lives until close() unlinks it.
             self._segments["data"].close()
             self._params = self._segments["params"].buf.cast("d")
-            self._slots = self._segments["slots"].buf.cast("d")
+            self._slots = slot_views(self._segments["slots"].buf, self.size, self.workers)
             if self.reduce == "workers":
                 self._reduced = self._segments["reduced"].buf.cast("d")
             self._spawn()
@@ -190,10 +154,12 @@ class Engine:
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, then (only the parent ever does this) unlink the shared memory."""
         self._stop_workers(graceful)
-        for view in ("_params", "_slots", "_reduced"):
-            if hasattr(self, view):
-                getattr(self, view).release()
-                delattr(self, view)
+        for name in ("_params", "_slots", "_reduced"):
+            if hasattr(self, name):
+                views = getattr(self, name)
+                for view in views if isinstance(views, list) else [views]:
+                    view.release()
+                delattr(self, name)
         for segment in self._segments.values():
             segment.close()  # a second close() is a no-op
             segment.unlink()
@@ -207,6 +173,9 @@ class Engine:
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
+    def nodes(self) -> int:
+        return 1
+
     # ---- the step ----
 
     def set_params(self, params: Sequence[float]) -> None:
@@ -218,11 +187,13 @@ class Engine:
         with self.serial:
             for k, message in enumerate(messages):
                 if message is not None:
+                    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # what conn.send() does, counted
                     try:
-                        self._conns[k].send(message)
+                        self._conns[k].send_bytes(payload)
                     except OSError:
                         raise WorkerDied(f"worker {k} is gone")
                     pending[k] = self._procs[k].sentinel
+                    self.bytes_sent += len(payload)
         replies = {}
         while pending:
             ready = set(wait([self._conns[k] for k in pending] + list(pending.values())))
@@ -230,9 +201,11 @@ class Engine:
                 conn = self._conns[k]
                 if conn in ready:
                     try:
-                        reply = conn.recv()
+                        payload = conn.recv_bytes()
                     except (EOFError, OSError):  # its end of the pipe closed: it died
                         raise self._death(k)
+                    self.bytes_received += len(payload)
+                    reply = pickle.loads(payload)
                     if reply[0] == "error":
                         raise RuntimeError(f"worker {k} failed:\n{reply[1]}")
                     replies[k] = reply
@@ -264,20 +237,16 @@ class Engine:
 
         `shifts`: optional augmentation, two bytes per example (mnist.decode_batch).
         """
-        shards = shard(indices, self.workers)
-        messages, start = [], 0
-        for piece in shards:
-            part = None if shifts is None else shifts[2 * start : 2 * (start + len(piece))]
-            # Every worker takes part in a workers' reduction (an empty shard contributes zeros).
-            messages.append(("grad", piece, part) if piece or self.reduce == "workers" else None)
-            start += len(piece)
+        # Every worker takes part in a workers' reduction (an empty shard contributes zeros).
+        messages = [None if m is None else ("grad", *m)
+                    for m in batch_messages(indices, shifts, self.workers, everyone=self.reduce == "workers")]
         replies = self._run_recovering(messages)
         with self.serial:
             size, done = self.size, sorted(replies)  # a fixed order: reproducible for a given worker count
             if self.reduce == "workers":
-                total = self._reduced.tolist()
-            else:  # total[p] = sum_k slot_k[p], one C-level pass: zip walks the slots' memory side by side
-                total = reduce_slots(self._slots, size, done)
+                total = floats(self._reduced)
+            else:
+                total = reduce_sums([self._slots[k] for k in done])
             loss = sum(replies[k][1] for k in done)
             correct = sum(replies[k][2] for k in done)
         return total, loss, correct
@@ -286,8 +255,7 @@ class Engine:
         """(summed test loss, predicted class per test image), the test set split across the workers."""
         if params is not None:
             self.set_params(params)
-        pieces = shard(range(self.test_count), self.workers)
-        replies = self._run_recovering([("eval", p[0], p[-1] + 1) if p else None for p in pieces])
+        replies = self._run_recovering([None if r is None else ("eval", *r) for r in eval_ranges(self.test_count, self.workers)])
         loss, predictions = 0.0, []
         for k in sorted(replies):
             loss += replies[k][1]
@@ -295,11 +263,14 @@ class Engine:
         return loss, predictions
 
 
-def reduce_slots(slots: memoryview, size: int, which: Sequence[int], start: int = 0, stop: int | None = None) -> list[float]:
-    """[sum_k slots[k][p] for p in start..stop], k in `which` order: the parent and the workers
-    reduce with this one function, so both modes add in the same order and agree to the bit."""
+def slot_views(buf: memoryview, size: int, workers: int, start: int = 0, stop: int | None = None) -> list[memoryview]:
+    """Per worker k, the raw bytes of float64 elements start..stop of its slot in the `slots` segment.
+
+    Made once, and sliced as bytes: under PyPy a slice of a view cast to "d" is read element by
+    element (~10x slower than a byte slice). Writers and readers cast as they need.
+    """
     stop = size if stop is None else stop
-    return list(map(sum, zip(*[slots[k * size + start : k * size + stop] for k in which])))
+    return [buf[8 * (k * size + start) : 8 * (k * size + stop)] for k in range(workers)]
 
 
 # ---- the worker side ----
@@ -318,16 +289,17 @@ def _worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
     segments = {key: shared_memory.SharedMemory(name=name) for key, name in spec["names"].items()}
     sizes, pixels = spec["sizes"], spec["pixels"]
     size = parameter_count(sizes)
-    params = segments["params"].buf.cast("d")
-    slots = segments["slots"].buf.cast("d")
-    my_slot = slots[slot * size : (slot + 1) * size]
+    params = segments["params"].buf  # raw float64 bytes: floats() reads them in bulk
+    my_slot = slot_views(segments["slots"].buf, size, spec["workers"])[slot].cast("d")
     reduced = segments["reduced"].buf.cast("d") if barrier is not None else None
-    # this worker's slice of the reduction (the same contiguous split as the shards)
+    # this worker's slice of the reduction (the same contiguous split as the shards), in every slot
     bounds = shard(range(size), spec["workers"])[slot]
     my_start, my_stop = (bounds[0], bounds[-1] + 1) if bounds else (0, 0)
+    my_parts = slot_views(segments["slots"].buf, size, spec["workers"], my_start, my_stop) if barrier is not None else []
     data = segments["data"].buf
     train_images, train_labels, test_images, test_labels = (data[a : a + n] for a, n in spec["layout"])
-    views = [v for v in (params, my_slot, slots, reduced, data, train_images, train_labels, test_images, test_labels) if v is not None]
+    views = [v for v in (params, my_slot, *my_parts, reduced, data, train_images, train_labels, test_images, test_labels)
+             if v is not None]
     try:
         while True:
             if not conn.poll(1.0):
@@ -339,34 +311,18 @@ def _worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
                 return
             try:
                 if message[0] == "grad":
-                    _, indices, shifts = message
-                    if indices:
-                        layers = unflatten(params.tolist(), sizes)
-                        grads, loss, correct = loss_and_gradient(
-                            layers, decode_batch(train_images, indices, pixels, shifts), [train_labels[k] for k in indices])
-                        flat = array("d")
-                        for dW, db in grads:
-                            for row in dW:
-                                flat.extend(row)
-                            flat.extend(db)
-                    else:
-                        flat, loss, correct = array("d", bytes(8 * size)), 0.0, 0
+                    _, packed, shifts = message
+                    flat, loss, correct = shard_gradient(floats(params), sizes, train_images, train_labels,
+                                                         unpack_indices(packed),
+                                                         pixels, shifts)
                     my_slot[:] = flat
                     if barrier is not None:
                         barrier.wait()  # every slot is written: reduce this worker's slice of them
-                        reduced[my_start:my_stop] = array("d", reduce_slots(slots, size, range(spec["workers"]), my_start, my_stop))
+                        reduced[my_start:my_stop] = array("d", reduce_sums(my_parts))
                     conn.send(("ok", loss, correct))
                 else:
                     _, start, stop = message
-                    layers = unflatten(params.tolist(), sizes)
-                    loss, predictions = 0.0, []
-                    for a in range(start, stop, EVAL_CHUNK):
-                        chunk = range(a, min(stop, a + EVAL_CHUNK))
-                        part_loss, part = predict(layers, decode_batch(test_images, chunk, pixels),
-                                                  [test_labels[k] for k in chunk])
-                        loss += part_loss
-                        predictions.extend(part)
-                    conn.send(("ok", loss, predictions))
+                    conn.send(("ok", *shard_predictions(floats(params), sizes, test_images, test_labels, start, stop, pixels)))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
     except (EOFError, OSError):

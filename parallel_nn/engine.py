@@ -1,0 +1,154 @@
+"""What every backend shares: the worker's computation, the sharding, the reduction in shard order.
+
+An engine runs one data-parallel step: `gradient(indices, shifts)` returns the *sum* over the batch
+of the per-example gradients (flat), the summed loss and the number correct; `evaluate()` runs
+the test set. Two engines implement it: local.py (worker processes on shared memory, the default)
+and ray_backend.py (Ray actors, possibly on many machines). Both shard the batch with `shard`, have
+every worker run `shard_gradient`, and add the shard sums with `reduce_sums` in shard order, so
+the same `--workers` gives bit-identical weights on either backend.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from typing import Optional, Sequence
+
+from . import UserError
+from .kernels import KIND, add_into, doubles, floats
+from .mnist import decode_batch
+from .network import loss_and_gradient, predict, unflatten
+
+BACKENDS = ("local", "ray")
+EVAL_CHUNK = 1000  # test images a worker decodes at a time: bounds its memory
+
+
+class SerialTimer:
+    """Time the parent spends on the serial path (dispatch, combining gradients, the update).
+
+    Both wall time and the parent's CPU time are kept: on a machine with fewer cores than
+    workers, woken workers preempt the parent mid-dispatch, which inflates the wall time but not
+    the work a bigger machine would have to do serially.
+    """
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.thread_time() - self._cpu
+
+
+class WorkerDied(Exception):
+    """A worker (process or actor) went away before answering."""
+
+
+class WorkerCrashed(UserError):
+    """Workers kept dying: the run stops (the trainer saves a resumable checkpoint first)."""
+
+
+def shard(indices: Sequence[int], workers: int) -> list[list[int]]:
+    """Contiguous pieces whose sizes differ by at most one (500 over 8: four of 63, four of 62)."""
+    n, extra = divmod(len(indices), workers)
+    pieces, start = [], 0
+    for k in range(workers):
+        size = n + (k < extra)
+        pieces.append(list(indices[start : start + size]))
+        start += size
+    return pieces
+
+
+def reduce_sums(parts: Sequence) -> Sequence[float]:
+    """total[p] = sum_k parts[k][p], adding the float64 buffers `parts` in the order given.
+
+    Every reduction of shard sums goes through here (the local parent, the local workers' reduce-
+    scatter, the Ray driver), so all of them add in the same order and agree to the bit. On
+    CPython one C-level pass (zip walks the parts side by side); under the JIT a plain loop.
+    """
+    if not parts:
+        return []
+    if KIND == "loops":
+        total = floats(parts[0])  # a fresh copy, summed into in place
+        for part in parts[1:]:
+            add_into(total, floats(part))
+        return total
+    return list(map(sum, zip(*map(doubles, parts))))
+
+
+def shard_gradient(params: Sequence[float], sizes: Sequence[int], images, labels, indices: Sequence[int],
+                   pixels: int, shifts: Optional[bytes] = None) -> tuple[array, float, int]:
+    """The worker's computation: (flat sum of the shard's per-example gradients, summed loss, correct).
+
+    `images` and `labels` are the raw training bytes (or views of them); nothing else is needed,
+    which is what lets a local process and a remote actor run the same function.
+    """
+    flat = array("d")
+    if not indices:  # an empty shard contributes zeros (and still takes part in a reduction)
+        flat.frombytes(bytes(8 * len(params)))
+        return flat, 0.0, 0
+    grads, loss, correct = loss_and_gradient(unflatten(params, sizes), decode_batch(images, indices, pixels, shifts),
+                                             [labels[k] for k in indices])
+    for dW, db in grads:
+        for row in dW:
+            flat.extend(row)
+        flat.extend(db)
+    return flat, loss, correct
+
+
+def shard_predictions(params: Sequence[float], sizes: Sequence[int], images, labels, start: int, stop: int,
+                      pixels: int) -> tuple[float, list[int]]:
+    """(summed loss, predicted classes) of test examples start..stop-1, a chunk at a time."""
+    layers = unflatten(params, sizes)
+    loss, predictions = 0.0, []
+    for a in range(start, stop, EVAL_CHUNK):
+        chunk = range(a, min(stop, a + EVAL_CHUNK))
+        part_loss, part = predict(layers, decode_batch(images, chunk, pixels), [labels[k] for k in chunk])
+        loss += part_loss
+        predictions.extend(part)
+    return loss, predictions
+
+
+def pack_indices(indices: Sequence[int]) -> bytes:
+    """Example indices as int32 bytes: what travels to a worker each step (pickling a list of ints
+    costs ~0.25 ms a message on PyPy; bytes pickle as one copy)."""
+    return array("i", indices).tobytes()
+
+
+def unpack_indices(data: bytes) -> list[int]:
+    values = array("i")
+    values.frombytes(data)
+    return values.tolist()
+
+
+def batch_messages(indices: Sequence[int], shifts: Optional[bytes], workers: int, everyone: bool = False) -> list:
+    """Per worker: (its packed indices, its two shift bytes per example) or None when it has nothing
+    to do (`everyone`: every worker gets a message, empty shards included)."""
+    messages, start = [], 0
+    for piece in shard(indices, workers):
+        part = None if shifts is None else shifts[2 * start : 2 * (start + len(piece))]
+        messages.append((pack_indices(piece), part) if piece or everyone else None)
+        start += len(piece)
+    return messages
+
+
+def eval_ranges(count: int, workers: int) -> list:
+    """Per worker: (start, stop) of its test examples, or None."""
+    return [(p[0], p[-1] + 1) if p else None for p in shard(range(count), workers)]
+
+
+def create_engine(backend: str, sizes: Sequence[int], train, test, workers: int, *, start_method: Optional[str] = None,
+                  reduce: str = "parent", address: Optional[str] = None, warn=None):
+    """The engine for `backend`; the trainer talks to what this returns without knowing which it is."""
+    if backend == "ray":
+        from .ray_backend import RayEngine  # imported only when asked for: Ray is an optional extra
+
+        return RayEngine(sizes, train, test, workers, address=address, warn=warn)
+    if backend != "local":
+        raise ValueError(f"backend must be one of {BACKENDS}")
+    from .local import LocalEngine
+
+    return LocalEngine(sizes, train, test, workers, start_method, warn=warn, reduce=reduce)
