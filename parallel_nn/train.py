@@ -189,6 +189,12 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
     train_set, test_set = mnist.load(config.data_dir)
     train_set, test_set = train_set.limit(config.limit_train), test_set.limit(config.limit_test)
     train_count, test_labels = train_set.count, test_set.labels
+    # Made before the run directory: a backend that cannot be had (Ray missing, an address that does
+    # not answer) fails with nothing written.
+    engine = create_engine(config.backend, model.sizes, train_set, test_set, config.workers,
+                           start_method=config.start_method, reduce=config.reduce, address=config.ray_address,
+                           warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)))
+    del train_set, test_set  # the engine holds the only copy until it moves it into shared memory
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     python = interpreter()
@@ -216,10 +222,6 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
         save_model(run_dir / "weights.json", now)
         atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
-    engine = create_engine(config.backend, model.sizes, train_set, test_set, config.workers,
-                           start_method=config.start_method, reduce=config.reduce, address=config.ray_address,
-                           warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)))
-    del train_set, test_set  # the engine holds the only copy until it moves it into shared memory
     with StopFlag() as stop, engine:
         engine.set_params(params)
         peak_rss = tree_rss_mb(engine.worker_pids())

@@ -48,3 +48,10 @@ def real_data() -> Path:
     if not (REAL_DATA / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("real MNIST not present (run `make datasets`)")
     return REAL_DATA
+
+
+def pytest_collection_modifyitems(items):
+    """The Ray tests run last: Ray's client library leaves threads behind in this process after
+    ray.shutdown(), and a later fork (the local engine's default start method on Linux) can crash
+    in them. A real run uses one backend per process, so only the test session meets this."""
+    items.sort(key=lambda item: item.path.name == "test_ray.py")

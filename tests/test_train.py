@@ -123,6 +123,9 @@ def cli(*args, cwd=ROOT):
     (["--optimizer", "rmsprop"], "invalid choice"),
     (["--resume", "runs/x", "--lr", "0.5"], "--lr cannot change"),
     (["--resume", "runs/x", "--init", "w.json"], "--init cannot change"),
+    (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --backend ray"),
+    (["--backend", "ray", "--reduce", "workers"], "on Ray the driver reduces"),
+    (["--backend", "spark"], "invalid choice"),
 ])
 def test_nonsense_flags_are_usage_errors(args, message):
     done = cli(*args)
@@ -185,3 +188,13 @@ def test_a_closed_pipe_is_quiet(tiny_data, tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 1
     assert err == "", err
+
+
+def test_ray_backend_without_ray_names_the_extra(tiny_data, tmp_path):
+    """Whether or not Ray is installed here: hide it, as on an interpreter it has no build for."""
+    code = ("import sys; sys.modules['ray'] = None; from parallel_nn.cli import main; "
+            f"sys.exit(main(['--backend', 'ray', '--epochs', '1', '--data-dir', {str(tiny_data)!r}, "
+            f"'--run-dir', {str(tmp_path / 'run')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "needs Ray" in done.stderr and ("'.[ray]'" in done.stderr or "EXTRAS=dev,ray" in done.stderr)
