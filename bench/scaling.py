@@ -4,16 +4,15 @@ For each worker count it starts the engine, times real training steps (batch 500
 the workers + momentum update), one evaluation of the test set and the process tree's memory, and
 extrapolates seconds per epoch (60,000 images = 120 steps, plus evaluation). It then projects an
 8-core machine from parts measured here: one worker's compute on a 63-example shard (what each of
-8 workers gets) plus the parent's serial work at 8 workers.
+8 workers gets) plus the parent's serial work at 8 workers. `--ray 1,2` adds rows for the Ray
+backend on a private local instance (its start-up time, the bytes each actor sends and receives).
 
-    python -m bench.scaling [--workers 1,2,4,8] [--steps 24] [--markdown FILE]
+    python -m bench.scaling [--workers 1,2,4,8] [--steps 24] [--ray 1,2] [--markdown FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import pickle
 import platform
 import random
 import sys
@@ -23,16 +22,28 @@ import psutil
 
 from bench import data
 from parallel_nn import mnist, network
+from parallel_nn.kernels import interpreter
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
-from parallel_nn.engine import SerialTimer, shard
-from parallel_nn.local import LocalEngine as Engine
+from parallel_nn.engine import SerialTimer, create_engine
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500
 
 
-def measure(workers: int, steps: int, reduce: str = "parent") -> dict:
+def tree_pss_mb() -> float:
+    """This process and every descendant (workers; for Ray also raylet, GCS, actors), by PSS."""
+    me = psutil.Process()
+    total = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def measure(workers: int, steps: int, reduce: str = "parent", backend: str = "local") -> dict:
     # Loaded here and handed over, as the trainer does: if this process kept its own copy, forked
     # workers would share those pages and the memory column would count them.
     train, test, _ = data.load()
@@ -40,13 +51,16 @@ def measure(workers: int, steps: int, reduce: str = "parent") -> dict:
     params = he_init(SIZES, 0)
     optimizer = Optimizer("momentum", len(params))
     rng = random.Random(0)
-    engine = Engine(SIZES, train, test, workers, reduce=reduce)
+    started = time.perf_counter()
+    engine = create_engine(backend, SIZES, train, test, workers, reduce=reduce)
     del train, test
     with engine:
+        ready_s = time.perf_counter() - started
         engine.set_params(params)
         for _ in range(2):  # warm-up: first touches of the shared pages
             engine.gradient(rng.sample(range(count), BATCH))
         engine.serial = SerialTimer()
+        sent, received = engine.bytes_sent, engine.bytes_received
         start = time.perf_counter()
         for _ in range(steps):
             grad, _, _ = engine.gradient(rng.sample(range(count), BATCH))
@@ -54,14 +68,16 @@ def measure(workers: int, steps: int, reduce: str = "parent") -> dict:
                 params = optimizer.step(params, grad, 0.1, 1 / BATCH)
                 engine.set_params(params)
         step_seconds = (time.perf_counter() - start) / steps
+        sent, received = (engine.bytes_sent - sent) / steps, (engine.bytes_received - received) / steps
         t = time.perf_counter()
         engine.evaluate()
         eval_seconds = time.perf_counter() - t
-        pss = sum(psutil.Process(pid).memory_full_info().pss for pid in [os.getpid(), *engine.worker_pids()]) / 2**20
-    message = pickle.dumps(("grad", shard(list(range(BATCH)), workers)[0], None))
-    return {"workers": workers, "reduce": reduce, "step_s": step_seconds, "epoch_s": step_seconds * 120 + eval_seconds,
-            "eval_s": eval_seconds,
-            "serial_ms": 1000 * engine.serial.cpu / steps, "serial_wall_ms": 1000 * engine.serial.wall / steps, "pss_mb": pss, "message_bytes": len(message)}
+        pss = tree_pss_mb()
+    return {"workers": workers, "reduce": reduce if backend == "local" else "driver", "backend": backend,
+            "step_s": step_seconds, "epoch_s": step_seconds * 120 + eval_seconds, "eval_s": eval_seconds,
+            "ready_s": ready_s, "serial_ms": 1000 * engine.serial.cpu / steps,
+            "serial_wall_ms": 1000 * engine.serial.wall / steps, "pss_mb": pss,
+            "sent_per_worker": sent / workers, "received_per_worker": received / workers}
 
 
 def shard_compute_seconds(train, examples: int, repeats: int = 20) -> float:
@@ -78,6 +94,45 @@ def shard_compute_seconds(train, examples: int, repeats: int = 20) -> float:
     return best
 
 
+def reduce_seconds_per_part(size: int, parts: int = 8, repeats: int = 10) -> float:
+    """The driver's cost to add one more actor's gradient (float64 bytes) into the sum."""
+    from array import array
+
+    from parallel_nn.engine import reduce_sums
+
+    blobs = [array("d", [random.random() for _ in range(size)]).tobytes() for _ in range(parts)]
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        reduce_sums(blobs)
+        best = min(best, time.perf_counter() - t)
+    return best / parts
+
+
+def ray_projection(train, update_s: float, gbit: float = 10.0) -> list[str]:
+    """Seconds per step on N nodes x C cores, built from parts measured here: one actor's compute on
+    its 500/(N C) examples, the bytes through the driver's link at `gbit` Gbit/s (the weights once to
+    each node, a gradient back from each actor), the driver's reduce and the update."""
+    size = len(he_init(SIZES, 0))
+    per_part = reduce_seconds_per_part(size)
+    link = gbit * 1e9 / 8  # bytes per second
+    lines = [f"Ray projection at {gbit:g} Gbit/s to the driver (from parts measured here: shard compute, the driver "
+             f"adding one gradient {1000 * per_part:.2f} ms, the update {1000 * update_s:.2f} ms):", "",
+             "| nodes x cores | actors | examples per actor | compute ms | transfer ms | reduce + update ms | step ms | "
+             "epoch s | share of the step in the driver |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for nodes, cores in [(1, 8), (2, 8), (4, 8), (8, 8), (4, 16), (8, 16), (16, 16)]:
+        actors = nodes * cores
+        examples = -(-BATCH // actors)
+        compute = shard_compute_seconds(train, examples, repeats=8)
+        transfer = (nodes * 8 * size + actors * 8 * size) / link
+        driver = actors * per_part + update_s
+        step = compute + transfer + driver
+        lines.append(f"| {nodes} x {cores} | {actors} | {examples} | {1000 * compute:.1f} | {1000 * transfer:.1f} | "
+                     f"{1000 * driver:.1f} | {1000 * step:.1f} | {120 * step:.1f} | {(transfer + driver) / step:.0%} |")
+    return lines
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -91,32 +146,51 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts to measure (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per worker count (default: %(default)s)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--ray", default=None, metavar="1,2",
+                        help="also measure these worker counts on the Ray backend (a private local instance)")
     args = parser.parse_args()
     which = data.load()[2]
     cores = psutil.cpu_count(logical=False) or 1
     machine = (f"{cpu_name()}, {cores} physical cores, "
-               f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, data: {which}")
+               f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {interpreter()}, data: {which}")
     rows = []
     counts = [int(w) for w in args.workers.split(",")]
-    for workers, reduce in [(w, "parent") for w in counts] + [(max(counts), "workers")]:
-        rows.append(measure(workers, args.steps, reduce))
-        print(f"  measured {workers} worker(s), {reduce} reduces", file=sys.stderr)
+    plan = [(w, "parent", "local") for w in counts] + [(max(counts), "workers", "local")]
+    plan += [(int(w), "parent", "ray") for w in args.ray.split(",")] if args.ray else []
+    for workers, reduce, backend in plan:
+        rows.append(measure(workers, args.steps, reduce, backend))
+        print(f"  measured {workers} worker(s) on {backend}, {rows[-1]['reduce']} reduces", file=sys.stderr)
     base = rows[0]["epoch_s"]
     lines = [f"machine: {machine}", "",
-             "| workers | who reduces | s/step | s/epoch (120 steps + eval) | speed-up | efficiency | parent serial ms/step: CPU (wall) | tree PSS MB | step message bytes |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backend | workers | who reduces | s/step | s/epoch (120 steps + eval) | speed-up | efficiency | "
+             "parent serial ms/step: CPU (wall) | tree PSS MB | KB per step per worker: sent / received | ready in s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         speedup = base / r["epoch_s"]
         efficiency = speedup / min(r["workers"], cores)  # per core actually available
-        lines.append(f"| {r['workers']} | {r['reduce']} | {r['step_s']:.3f} | {r['epoch_s']:.1f} | {speedup:.2f}x | {efficiency:.0%} | "
-                     f"{r['serial_ms']:.1f} ({r['serial_wall_ms']:.1f}) | {r['pss_mb']:.0f} | {r['message_bytes']} |")
+        lines.append(f"| {r['backend']} | {r['workers']} | {r['reduce']} | {r['step_s']:.3f} | {r['epoch_s']:.1f} | "
+                     f"{speedup:.2f}x | {efficiency:.0%} | {r['serial_ms']:.1f} ({r['serial_wall_ms']:.1f}) | "
+                     f"{r['pss_mb']:.0f} | {r['sent_per_worker'] / 1000:.1f} / {r['received_per_worker'] / 1000:.1f} | "
+                     f"{r['ready_s']:.1f} |")
+    local2 = next((r for r in rows if r["backend"] == "local" and r["workers"] == 2), None)
+    ray2 = next((r for r in rows if r["backend"] == "ray" and r["workers"] == 2), None)
+    if local2 and ray2:
+        lines += ["", f"Ray / local, 2 workers: {ray2['epoch_s'] / local2['epoch_s']:.2f}x the epoch time; the private Ray "
+                  f"instance was ready in {ray2['ready_s']:.1f} s."]
     shard63 = shard_compute_seconds(data.load()[0], 63)
-    serial8 = next((r["serial_ms"] for r in rows if r["workers"] == 8 and r["reduce"] == "parent"), rows[-1]["serial_ms"]) / 1000
+    serial8 = next((r["serial_ms"] for r in rows if r["workers"] == 8 and r["reduce"] == "parent" and r["backend"] == "local"),
+                   rows[-1]["serial_ms"]) / 1000
     eval8 = rows[0]["eval_s"] / 8
     projected = 120 * (shard63 + serial8) + eval8
     lines += ["", f"8-core projection: a 63-example shard computes in {1000 * shard63:.1f} ms, the parent's serial part at "
               f"8 workers is {1000 * serial8:.1f} ms of CPU, so a step would take ~{1000 * (shard63 + serial8):.0f} ms and an "
               f"epoch ~{projected:.1f} s (vs {rows[0]['epoch_s']:.1f} s with 1 worker here)."]
+    if args.ray:
+        optimizer, params = Optimizer("momentum", len(he_init(SIZES, 0))), he_init(SIZES, 0)
+        t = time.perf_counter()
+        for _ in range(10):
+            optimizer.step(params, params, 0.1, 1 / BATCH)
+        lines += [""] + ray_projection(data.load()[0], (time.perf_counter() - t) / 10)
     text = "\n".join(lines)
     print(text)
     if args.markdown:
