@@ -19,6 +19,7 @@ from . import UserError
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
 from .engine import BACKENDS
 from .local import REDUCERS, START_METHODS
+from .rundir import run_files
 
 COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot")
 DEFAULT_DATA = "datasets/mnist"
@@ -45,6 +46,13 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def momentum_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text} (1 or more makes the velocity grow without bound)")
     return value
 
 
@@ -105,7 +113,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="learning rate (default: per optimizer: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="step",
                    help="constant; step: x0.1 from 70%% of the epochs; cosine: to 0 over the run (default: %(default)s)")
-    p.add_argument("--momentum", type=non_negative_float, default=0.9, metavar="MU", help="momentum coefficient (default: %(default)s)")
+    p.add_argument("--momentum", type=momentum_float, default=0.9, metavar="MU", help="momentum coefficient (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="WD", help="L2 penalty coefficient (default: %(default)s)")
     p.add_argument("--shift", type=int, choices=range(0, 5), default=0, metavar="PIXELS",
                    help="augment: move each training image by up to PIXELS (0-4) in x and y, fresh every epoch (default: %(default)s)")
@@ -116,6 +124,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, metavar="DIR", help="where metrics, weights and checkpoints go (default: runs/<timestamp>)")
     p.add_argument("--init", default=None, metavar="FILE", help="start from these weights: a weights file or checkpoint (default: fresh He init)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --run-dir (its files are removed first); without it such a directory is refused")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _common(p)
     return p
@@ -154,13 +164,20 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
             args.epochs = args.epochs or 10
         if args.workers and args.workers > args.batch_size:
             parser.error(f"--workers {args.workers} is more than --batch-size {args.batch_size}: every worker needs at least one example per step")
+        if args.overwrite and args.resume:
+            parser.error("--overwrite replaces a run and --resume continues one: choose one")
+        if not args.resume and not args.overwrite and args.run_dir and run_files(args.run_dir):
+            from .train import refusal
+
+            parser.error(refusal(args.run_dir))
         if args.ray_address is not None and args.backend != "ray":
             parser.error("--ray-address needs --backend ray")
         if args.backend == "ray" and args.reduce != "parent":
             parser.error("--reduce workers is a shared-memory reduction of the local backend; on Ray the driver reduces")
         if args.resume:
             # A resumed run computes what the saved one would have: only how it runs may change.
-            may_change = {"resume", "workers", "epochs", "start_method", "reduce", "quiet", "debug", "backend", "ray_address"}
+            may_change = {"resume", "workers", "epochs", "start_method", "reduce", "quiet", "debug", "backend", "ray_address",
+                          "overwrite"}
             changed = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
                        if dest not in may_change and value != parser.get_default(dest)]
             if changed:
@@ -177,7 +194,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume:
         config.workers = args.workers or default_workers()
     try:
-        train(config, resume=args.resume)
+        train(config, resume=args.resume, overwrite=args.overwrite)
     except Interrupted:
         return 130
     return 0

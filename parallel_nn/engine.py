@@ -47,6 +47,11 @@ class WorkerDied(Exception):
     """A worker (process or actor) went away before answering."""
 
 
+class StopRequested(Exception):
+    """A worker died after the run was asked to stop (SIGTERM or SIGHUP to the process group reach
+    the workers too): part of stopping, not a fault to recover from."""
+
+
 class WorkerCrashed(UserError):
     """Workers kept dying: the run stops (the trainer saves a resumable checkpoint first)."""
 

@@ -1,12 +1,14 @@
-"""The data-parallel engine: worker processes computing shard gradients on shared-memory weights.
+"""The local backend: worker processes computing shard gradients on shared-memory weights.
 
 Lifetimes, written down where they happen:
-- The parent creates three shared-memory segments in `start()` and is the only process that
-  unlinks them, in `close()`: `params` (the flat float64 weights, written by the parent after each
-  update), `slots` (one float64 gradient slot per worker, written only by its worker) and `data`
-  (the raw uint8 train and test sets, written once before any worker starts).
-- Workers attach by name once, when they start, whatever the start method, and never write
-  `params` or `data`. They exit when the parent sends None, when their pipe closes, or when they
+- The parent creates three anonymous shared-memory segments (shm.py) in `start()`: `params` (the
+  flat float64 weights, written by the parent after each update), `slots` (one float64 gradient
+  slot per worker, written only by its worker) and `data` (the raw uint8 train and test sets,
+  written once before any worker starts). They have no name in /dev/shm: each is freed when the
+  last process holding it exits, so no way of dying can leak one. The parent keeps their
+  descriptors until `close()`, to hand them to restarted workers.
+- Workers attach once, when they start, from descriptors passed to them (whatever the start
+  method), and never write `params` or `data`. They exit when the parent sends None, when their pipe closes, or when they
   notice their parent is gone (so a killed trainer leaves no orphans).
 - Per step the parent sends each worker only the indices of its examples (a few hundred bytes);
   weights are never pickled.
@@ -30,19 +32,20 @@ import sys
 import time
 import traceback
 from array import array
-from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from .engine import (SerialTimer, WorkerCrashed, WorkerDied, batch_messages, eval_ranges, reduce_sums, shard,
+from .engine import (SerialTimer, StopRequested, WorkerCrashed, WorkerDied, batch_messages, eval_ranges, reduce_sums, shard,
                      shard_gradient, shard_predictions, unpack_indices)
 from .kernels import floats
 from .mnist import Split
 from .network import parameter_count
+from .shm import Segment
 
 START_METHODS = ("fork", "spawn", "forkserver")
 REDUCERS = ("parent", "workers")
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
+PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}  # sent to the whole group, meant for the trainer alone
 
 
 class LocalEngine:
@@ -64,8 +67,9 @@ class LocalEngine:
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
         self.restarts = 0
         self.bytes_sent = self.bytes_received = 0  # pickled messages over the pipes, both ways
+        self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's stop flag, once it has one
         self.serial = SerialTimer()  # the trainer adds its update to it too
-        self._segments: dict[str, shared_memory.SharedMemory] = {}
+        self._segments: dict[str, Segment] = {}
         self._procs: list = []
         self._conns: list = []
 
@@ -89,18 +93,18 @@ class LocalEngine:
             self._layout.append((offset, len(blob)))
             offset += len(blob)
         try:
-            self._segments["params"] = shared_memory.SharedMemory(create=True, size=8 * self.size)
-            self._segments["slots"] = shared_memory.SharedMemory(create=True, size=8 * self.size * self.workers)
+            self._segments["params"] = Segment(8 * self.size)
+            self._segments["slots"] = Segment(8 * self.size * self.workers)
             if self.reduce == "workers":
-                self._segments["reduced"] = shared_memory.SharedMemory(create=True, size=8 * self.size)
-            self._segments["data"] = shared_memory.SharedMemory(create=True, size=max(1, offset))
+                self._segments["reduced"] = Segment(8 * self.size)
+            self._segments["data"] = Segment(offset)
             data = self._segments["data"].buf
             for (start, length), blob in zip(self._layout, blobs):
                 data[start : start + length] = blob
             del data, blobs
             # The parent never reads the data again: unmapping its copy leaves those pages charged
-            # only to the workers that touch them. The segment itself lives until close() unlinks it.
-            self._segments["data"].close()
+            # only to the workers that touch them. It keeps the descriptor, for workers started later.
+            self._segments["data"].unmap()
             self._params = self._segments["params"].buf.cast("d")
             self._slots = slot_views(self._segments["slots"].buf, self.size, self.workers)
             if self.reduce == "workers":
@@ -112,7 +116,7 @@ class LocalEngine:
 
     def _spawn(self) -> None:
         spec = {
-            "names": {key: seg.name for key, seg in self._segments.items()},
+            "segments": {key: seg.handle() for key, seg in self._segments.items()},
             "sizes": self.sizes,
             "layout": self._layout,
             "pixels": self.pixels,
@@ -122,14 +126,34 @@ class LocalEngine:
         # engine keeps it referenced: under spawn, a collected barrier unlinks its semaphores
         # before the children have opened them.
         barrier = self._barrier = self.context.Barrier(self.workers) if self.reduce == "workers" else None
-        for k in range(self.workers):
-            parent_end, child_end = self.context.Pipe()
-            proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, barrier),
-                                        name=f"parallel_nn-worker-{k}", daemon=True)
-            proc.start()
-            child_end.close()
-            self._procs.append(proc)
-            self._conns.append(parent_end)
+        # Workers (and the forkserver or resource tracker, if starting one now) start with SIGINT and
+        # SIGHUP blocked (a signal mask survives fork and exec), so a Ctrl-C or a closed terminal
+        # while a spawned worker is still importing cannot kill it or print a traceback; the worker
+        # ignores both, then unblocks them. A signal meant for the trainer meanwhile stays pending
+        # and is delivered when the mask is restored here.
+        # The helpers are started first: starting the resource tracker unblocks SIGINT in the
+        # caller when it is done, which would undo the mask for the workers after it.
+        method = self.context.get_start_method()
+        if method == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()  # starts the resource tracker too
+        elif method == "spawn":
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, PARENTS_SIGNALS)
+        try:
+            for k in range(self.workers):
+                parent_end, child_end = self.context.Pipe()
+                proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, barrier),
+                                            name=f"parallel_nn-worker-{k}", daemon=True)
+                proc.start()
+                child_end.close()
+                self._procs.append(proc)
+                self._conns.append(parent_end)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _stop_workers(self, graceful: bool) -> None:
         if graceful:
@@ -152,7 +176,7 @@ class LocalEngine:
         self._procs, self._conns = [], []
 
     def close(self, graceful: bool = True) -> None:
-        """Stop the workers, then (only the parent ever does this) unlink the shared memory."""
+        """Stop the workers, then close the parent's descriptors: the memory goes with the last user."""
         self._stop_workers(graceful)
         for name in ("_params", "_slots", "_reduced"):
             if hasattr(self, name):
@@ -162,7 +186,6 @@ class LocalEngine:
                 delattr(self, name)
         for segment in self._segments.values():
             segment.close()  # a second close() is a no-op
-            segment.unlink()
         self._segments = {}
 
     def _restart(self) -> None:
@@ -226,6 +249,8 @@ class LocalEngine:
             try:
                 return self._run(messages)
             except WorkerDied as e:
+                if self.stop_requested():  # stopping: the group's SIGTERM or SIGHUP reached the workers too
+                    raise StopRequested(str(e)) from e
                 if attempt == MAX_RESTARTS:
                     raise WorkerCrashed(f"{e}; gave up after {MAX_RESTARTS} restarts") from e
                 self.warn(f"{e}; restarting the workers and redoing the step")
@@ -277,16 +302,19 @@ def slot_views(buf: memoryview, size: int, workers: int, start: int = 0, stop: i
 
 
 def _worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
-    # Ctrl-C at a terminal goes to the whole process group; only the parent decides what it means
-    # (save, stop the workers). A worker that died of it would look like a crash.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C at a terminal, or its closing (SIGHUP), goes to the whole process group; only the
+    # parent decides what it means (save, stop the workers). A worker that died of it would look
+    # like a crash.
+    for sig in PARENTS_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENTS_SIGNALS)  # blocked by the parent while starting us
     # A forked worker inherits the trainer's SIGTERM handler (which only sets a flag); terminate()
     # must end it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The process that started us: the trainer (fork, spawn) or the forkserver, which exits with
     # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
     parent_pid = os.getppid()
-    segments = {key: shared_memory.SharedMemory(name=name) for key, name in spec["names"].items()}
+    segments = {key: handle.attach() for key, handle in spec["segments"].items()}
     sizes, pixels = spec["sizes"], spec["pixels"]
     size = parameter_count(sizes)
     params = segments["params"].buf  # raw float64 bytes: floats() reads them in bulk

@@ -29,7 +29,7 @@ from array import array
 from typing import Callable, Optional, Sequence
 
 from . import UserError
-from .engine import (SerialTimer, WorkerCrashed, batch_messages, eval_ranges, reduce_sums, shard_gradient,
+from .engine import (SerialTimer, StopRequested, WorkerCrashed, batch_messages, eval_ranges, reduce_sums, shard_gradient,
                      shard_predictions, unpack_indices)
 from .kernels import floats
 from .mnist import Split
@@ -114,6 +114,7 @@ class RayEngine:
         self.serial = SerialTimer()
         self.restarts = 0
         self.bytes_sent = self.bytes_received = 0
+        self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's stop flag, once it has one
         self._actors: list = []  # the live actors, in shard order
         self._where: dict = {}  # actor -> (node id, host name, pid)
         self._pending: list = []  # replacements not yet started (no free CPU when they were asked for)
@@ -257,6 +258,8 @@ class RayEngine:
             except ray.exceptions.RayTaskError:
                 raise  # the computation itself failed: a bug, not a lost actor
             except ray.exceptions.RayError as e:
+                if self.stop_requested():
+                    raise StopRequested(str(e)) from e
                 dead = [a for a, r in zip(actors, refs) if _failed(ray, r)]
                 self.restarts += 1
                 if attempt == MAX_RESTARTS:

@@ -20,11 +20,12 @@ from typing import Any, Callable, Optional
 
 import psutil
 
-from . import UserError, atomic, mnist
+from . import UserError, atomic, mnist, rundir
 from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from .network import Model, he_init, layer_sizes
 from .optim import DEFAULT_LR, Optimizer, learning_rate
-from .engine import SerialTimer, WorkerCrashed, create_engine
+from .rundir import RunLock
+from .engine import SerialTimer, StopRequested, WorkerCrashed, create_engine
 from .kernels import KIND, interpreter
 
 
@@ -69,13 +70,14 @@ class Interrupted(Exception):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag checked between steps; a second signal raises KeyboardInterrupt."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal, a dropped SSH session) set a flag checked
+    between steps; a second signal raises KeyboardInterrupt."""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self
 
     def _handle(self, signum, frame):
@@ -151,8 +153,11 @@ def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     return order
 
 
-def _timestamp_dir() -> str:
-    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+def refusal(run_dir) -> str:
+    """The one line for a new run aimed at a directory that holds one."""
+    files = ", ".join(rundir.run_files(run_dir))
+    return (f"{run_dir} already holds a run ({files}); continue it with --resume {run_dir}, "
+            "or replace it with --overwrite")
 
 
 # What --resume may change: how a run is executed, never what it computes.
@@ -178,14 +183,21 @@ def prepare(config: Config, resume: Optional[str]) -> tuple[Config, Model, Optio
                             f"pass --hidden {','.join(map(str, model.sizes[1:-1]))}")
     else:
         model = Model(sizes, he_init(sizes, config.seed))
-    config.run_dir = config.run_dir or _timestamp_dir()
-    return config, model, None
+    return config, model, None  # run_dir None: a new runs/<timestamp> is made once the backend is up
 
 
-def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callable[[int, int], None]] = None) -> list[dict]:
-    """Run (or resume) training; returns the metrics of every epoch. `on_step(epoch, step)` is for tests."""
+def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callable[[int, int], None]] = None,
+          overwrite: bool = False) -> list[dict]:
+    """Run (or resume) training; returns the metrics of every epoch. `on_step(epoch, step)` is for tests.
+
+    `overwrite`: replace a run already in config.run_dir (otherwise such a directory is refused).
+    """
     config, model, checkpoint = prepare(config, resume)
     progress = Progress(config.quiet)
+    if checkpoint and checkpoint["epoch"] >= config.epochs:
+        print(f"{resume} has finished its {checkpoint['epoch']} epochs; nothing to do. To train it further: "
+              f"--resume {resume} --epochs N, with N > {checkpoint['epoch']}", file=sys.stderr)
+        return checkpoint.get("metrics", [])
     train_set, test_set = mnist.load(config.data_dir)
     train_set, test_set = train_set.limit(config.limit_train), test_set.limit(config.limit_test)
     train_count, test_labels = train_set.count, test_set.labels
@@ -195,107 +207,121 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                            start_method=config.start_method, reduce=config.reduce, address=config.ray_address,
                            warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)))
     del train_set, test_set  # the engine holds the only copy until it moves it into shared memory
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    python = interpreter()
-    atomic.write_json(run_dir / "config.json", {**asdict(config), "python": python}, indent=2)
+    run_dir = Path(config.run_dir) if config.run_dir else rundir.create_default()
+    config.run_dir = str(run_dir)
+    with RunLock(run_dir):  # held to the end of the run: a second trainer aimed here is refused
+        if overwrite:
+            rundir.clear(run_dir)
+        elif not resume and rundir.run_files(run_dir):
+            raise UserError(refusal(run_dir))
+        python = interpreter()
+        atomic.write_json(run_dir / "config.json", {**asdict(config), "python": python}, indent=2)
 
-    optimizer = Optimizer(config.optimizer, len(model.params), momentum=config.momentum, weight_decay=config.weight_decay)
-    epoch, step, partial, history = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}, []
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        epoch, step, partial, history = checkpoint["epoch"], checkpoint["step"], checkpoint["partial"], checkpoint.get("metrics", [])
-        progress.say(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
-    progress.say(f"python: {python} ({KIND} kernels); backend: {config.backend}")
-    progress.say(f"config: {json.dumps(asdict(config))}")
-    lr = config.resolved_lr()
-    params = model.params
-    steps_per_epoch = -(-train_count // config.batch_size)
+        optimizer = Optimizer(config.optimizer, len(model.params), momentum=config.momentum, weight_decay=config.weight_decay)
+        epoch, step, partial, history = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}, []
+        if checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            epoch, step, partial, history = checkpoint["epoch"], checkpoint["step"], checkpoint["partial"], checkpoint.get("metrics", [])
+            progress.say(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
+        progress.say(f"python: {python} ({KIND} kernels); backend: {config.backend}")
+        progress.say(f"config: {json.dumps(asdict(config))}")
+        lr = config.resolved_lr()
+        params = model.params
+        steps_per_epoch = -(-train_count // config.batch_size)
 
-    def save(at_epoch: int, at_step: int, sums: dict) -> None:
-        # The checkpoint first: it alone is enough to resume (and to rewrite the other two), so a
-        # failure after it (a full disk) loses nothing.
-        now = Model(model.sizes, params)
-        save_checkpoint(run_dir / "checkpoint.json", now, {
-            "config": asdict(config), "epoch": at_epoch, "step": at_step, "partial": sums,
-            "optimizer": optimizer.state_dict(), "metrics": history})
-        save_model(run_dir / "weights.json", now)
-        atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        def save(at_epoch: int, at_step: int, sums: dict) -> None:
+            # The checkpoint first: it alone is enough to resume (and to rewrite the other two), so a
+            # failure after it (a full disk) loses nothing.
+            now = Model(model.sizes, params)
+            save_checkpoint(run_dir / "checkpoint.json", now, {
+                "config": asdict(config), "epoch": at_epoch, "step": at_step, "partial": sums,
+                "optimizer": optimizer.state_dict(), "metrics": history})
+            save_model(run_dir / "weights.json", now)
+            atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
-    with StopFlag() as stop, engine:
-        engine.set_params(params)
-        peak_rss = tree_rss_mb(engine.worker_pids())
-        while epoch < config.epochs:
-            order = epoch_order(train_count, config.seed, epoch, config.shuffle)
-            started = time.perf_counter() - partial["seconds"]
-            engine.serial = SerialTimer()
-            steps_timed, sent, received = 0, engine.bytes_sent, engine.bytes_received
-            while step < steps_per_epoch:
-                if stop.requested:
-                    partial["seconds"] = time.perf_counter() - started
-                    save(epoch, step, partial)
-                    progress.say(f"interrupted: saved {run_dir / 'checkpoint.json'} at epoch {epoch + 1}, step {step}; "
-                                 f"continue with --resume {run_dir}")
-                    raise Interrupted
-                batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-                shifts = None
-                if config.shift:  # drawn per (seed, epoch, step): the same whatever the worker count
-                    shifts = mnist.random_shifts(len(batch), config.shift, f"parallel_nn/shift/{config.seed}/{epoch}/{step}")
+        def stop_here(at_epoch: int, at_step: int, started: float) -> Interrupted:
+            partial["seconds"] = time.perf_counter() - started
+            save(at_epoch, at_step, partial)
+            progress.say(f"interrupted: saved {run_dir / 'checkpoint.json'} at epoch {at_epoch + 1}, step {at_step}; "
+                         f"continue with --resume {run_dir}")
+            return Interrupted()
+
+        with StopFlag() as stop, engine:
+            engine.stop_requested = lambda: stop.requested
+            engine.set_params(params)
+            peak_rss = tree_rss_mb(engine.worker_pids())
+            while epoch < config.epochs:
+                order = epoch_order(train_count, config.seed, epoch, config.shuffle)
+                started = time.perf_counter() - partial["seconds"]
+                engine.serial = SerialTimer()
+                steps_timed, sent, received = 0, engine.bytes_sent, engine.bytes_received
+                while step < steps_per_epoch:
+                    if stop.requested:
+                        raise stop_here(epoch, step, started)
+                    batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+                    shifts = None
+                    if config.shift:  # drawn per (seed, epoch, step): the same whatever the worker count
+                        shifts = mnist.random_shifts(len(batch), config.shift, f"parallel_nn/shift/{config.seed}/{epoch}/{step}")
+                    try:
+                        grad_sum, loss, correct = engine.gradient(batch, shifts)
+                    except StopRequested:
+                        raise stop_here(epoch, step, started) from None
+                    except WorkerCrashed:
+                        partial["seconds"] = time.perf_counter() - started
+                        save(epoch, step, partial)
+                        raise
+                    with engine.serial:
+                        scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
+                        rate = learning_rate(lr, config.lr_schedule, epoch, step, steps_per_epoch, config.epochs)
+                        params = optimizer.step(params, grad_sum, rate, scale)
+                        engine.set_params(params)
+                    steps_timed += 1
+                    partial["loss"] += loss
+                    partial["correct"] += correct
+                    partial["seen"] += len(batch)
+                    step += 1
+                    if step % 20 == 0:
+                        peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
+                    progress.step(epoch + 1, config.epochs, step, steps_per_epoch, partial["seen"],
+                                  time.perf_counter() - started, partial["loss"] / partial["seen"])
+                    if on_step:
+                        on_step(epoch, step)
+                seconds = time.perf_counter() - started
+                sent, received = engine.bytes_sent - sent, engine.bytes_received - received  # the steps' traffic, not evaluation's
                 try:
-                    grad_sum, loss, correct = engine.gradient(batch, shifts)
-                except WorkerCrashed:
-                    partial["seconds"] = time.perf_counter() - started
-                    save(epoch, step, partial)
-                    raise
-                with engine.serial:
-                    scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
-                    rate = learning_rate(lr, config.lr_schedule, epoch, step, steps_per_epoch, config.epochs)
-                    params = optimizer.step(params, grad_sum, rate, scale)
-                    engine.set_params(params)
-                steps_timed += 1
-                partial["loss"] += loss
-                partial["correct"] += correct
-                partial["seen"] += len(batch)
-                step += 1
-                if step % 20 == 0:
-                    peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
-                progress.step(epoch + 1, config.epochs, step, steps_per_epoch, partial["seen"],
-                              time.perf_counter() - started, partial["loss"] / partial["seen"])
-                if on_step:
-                    on_step(epoch, step)
-            seconds = time.perf_counter() - started
-            sent, received = engine.bytes_sent - sent, engine.bytes_received - received  # the steps' traffic, not evaluation's
-            test_loss, predictions = engine.evaluate()
-            correct_test = sum(p == y for p, y in zip(predictions, test_labels))
-            peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
-            metrics = {
-                "epoch": epoch + 1,
-                "train_loss": partial["loss"] / partial["seen"],
-                "train_accuracy": partial["correct"] / partial["seen"],
-                "test_loss": test_loss / max(1, len(test_labels)),
-                "test_accuracy": correct_test / max(1, len(test_labels)),
-                "epoch_seconds": round(seconds, 3),
-                "examples_per_second": round(partial["seen"] / seconds, 1),
-                "workers": engine.workers,
-                "peak_rss_mb": round(peak_rss, 1),
-                "pss_mb": None if (p := tree_pss_mb(engine.worker_pids())) is None else round(p, 1),
-                # the parent's serial path per step (dispatch + combine + update): CPU, and wall time
-                "serial_ms_per_step": round(1000 * engine.serial.cpu / max(1, steps_timed), 3),
-                "serial_wall_ms_per_step": round(1000 * engine.serial.wall / max(1, steps_timed), 3),
-                "lr": rate,
-                "python": python,
-                "backend": config.backend,
-                "nodes": engine.nodes(),
-                "bytes_sent_per_step": round(sent / max(1, steps_timed)),
-                "bytes_received_per_step": round(received / max(1, steps_timed)),
-            }
-            history.append(metrics)
-            epoch, step = epoch + 1, 0
-            partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            save(epoch, step, partial)
-            progress.epoch(metrics, config.epochs)
-    progress.say(f"saved {run_dir / 'weights.json'}, metrics in {run_dir / 'metrics.jsonl'}")
-    return history
+                    test_loss, predictions = engine.evaluate()
+                except StopRequested:
+                    raise stop_here(epoch, step, started) from None
+                correct_test = sum(p == y for p, y in zip(predictions, test_labels))
+                peak_rss = max(peak_rss, tree_rss_mb(engine.worker_pids()))
+                metrics = {
+                    "epoch": epoch + 1,
+                    "train_loss": partial["loss"] / partial["seen"],
+                    "train_accuracy": partial["correct"] / partial["seen"],
+                    "test_loss": test_loss / max(1, len(test_labels)),
+                    "test_accuracy": correct_test / max(1, len(test_labels)),
+                    "epoch_seconds": round(seconds, 3),
+                    "examples_per_second": round(partial["seen"] / seconds, 1),
+                    "workers": engine.workers,
+                    "peak_rss_mb": round(peak_rss, 1),
+                    "pss_mb": None if (p := tree_pss_mb(engine.worker_pids())) is None else round(p, 1),
+                    # the parent's serial path per step (dispatch + combine + update): CPU, and wall time
+                    "serial_ms_per_step": round(1000 * engine.serial.cpu / max(1, steps_timed), 3),
+                    "serial_wall_ms_per_step": round(1000 * engine.serial.wall / max(1, steps_timed), 3),
+                    "lr": rate,
+                    "python": python,
+                    "backend": config.backend,
+                    "nodes": engine.nodes(),
+                    "bytes_sent_per_step": round(sent / max(1, steps_timed)),
+                    "bytes_received_per_step": round(received / max(1, steps_timed)),
+                }
+                history.append(metrics)
+                epoch, step = epoch + 1, 0
+                partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+                save(epoch, step, partial)
+                progress.epoch(metrics, config.epochs)
+        progress.say(f"saved {run_dir / 'weights.json'}, metrics in {run_dir / 'metrics.jsonl'}")
+        return history
 
 
 def evaluate(weights: str, data_dir: str, workers: int, start_method: Optional[str] = None,

@@ -28,16 +28,19 @@ def test_learns_the_synthetic_digits_and_writes_the_run_directory(tiny_data, tmp
     assert history[-1]["test_accuracy"] >= 0.95  # random guessing is 0.10
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == ["checkpoint.json", "config.json", "metrics.jsonl", "weights.json"]
+    assert files == [".lock", "checkpoint.json", "config.json", "metrics.jsonl", "weights.json"]  # .lock: see rundir.py
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines == history
     for key in ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
-                "examples_per_second", "workers", "peak_rss_mb", "serial_ms_per_step"):
+                "examples_per_second", "workers", "peak_rss_mb", "serial_ms_per_step", "python", "backend", "nodes",
+                "bytes_sent_per_step", "bytes_received_per_step"):
         assert key in lines[0]
     weights = json.loads((tmp_path / "run" / "weights.json").read_text())
     assert weights["format"] == "parallel_nn.weights/1" and weights["layer_sizes"] == [784, 32, 32, 10]
     assert len(weights["layers"][0]["W"]) == 32 and len(weights["layers"][0]["W"][0]) == 784
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] is None
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["lr"] is None and saved["python"] == lines[0]["python"] and lines[0]["backend"] == "local"
+    assert lines[0]["nodes"] == 1 and lines[0]["bytes_sent_per_step"] > 0
 
 
 def test_one_sgd_step_is_exactly_minus_lr_times_the_mean_gradient(tiny_data, tmp_path):

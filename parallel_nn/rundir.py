@@ -1,0 +1,97 @@
+"""Run directories: never two runs in one, never a finished run replaced by accident.
+
+- A new run refuses a directory that already holds a run (cli.py says so before anything starts);
+  `--overwrite` replaces it on purpose, `--resume` continues it.
+- A default directory, runs/<timestamp>, is created with an exclusive mkdir; a name already taken
+  (another run, even one started in the same second) gets a suffix: runs/<timestamp>-2, -3, ...
+- A running trainer holds `.lock` in its directory with fcntl.flock. The kernel drops the lock
+  when the process exits however it dies, so a crash or SIGKILL leaves nothing that blocks
+  `--resume`; the file keeps the holder's pid only to name it in the refusal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import UserError
+
+RUN_FILES = ("config.json", "checkpoint.json", "weights.json", "metrics.jsonl")
+LOCK_NAME = ".lock"
+
+
+def run_files(directory: str | Path) -> list[str]:
+    """The run files already in `directory` (none if it does not exist)."""
+    directory = Path(directory)
+    return [name for name in RUN_FILES if (directory / name).exists()]
+
+
+def create_default(base: str | Path = "runs") -> Path:
+    """A new, empty runs/<timestamp>[-n]: the exclusive mkdir is what makes two runs never share one."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        candidate = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run directory under {base}")
+
+
+class RunLock:
+    """`with RunLock(run_dir):` — this process is the only trainer writing run_dir."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is in use by another trainer (pid {holder}); "
+                            "wait for it to finish or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the lock
+            self._fd = None
+
+
+def holder(run_dir: str | Path) -> Optional[int]:
+    """The pid of the trainer holding run_dir, or None if no process holds it."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # we could take it: nobody holds it
+    except BlockingIOError:
+        text = os.read(fd, 64).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
+def clear(run_dir: str | Path) -> None:
+    """--overwrite: remove the old run's files (the caller holds the lock)."""
+    for name in RUN_FILES:
+        try:
+            (Path(run_dir) / name).unlink()
+        except FileNotFoundError:
+            pass
