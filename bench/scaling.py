@@ -7,7 +7,7 @@ extrapolates seconds per epoch (60,000 images = 120 steps, plus evaluation). It 
 8 workers gets) plus the parent's serial work at 8 workers. `--ray 1,2` adds rows for the Ray
 backend on a private local instance (its start-up time, the bytes each actor sends and receives).
 
-    python -m bench.scaling [--workers 1,2,4,8] [--steps 24] [--ray 1,2] [--markdown FILE]
+    python -m bench.scaling [--workers 1,2,4,8] [--steps 24] [--ray 1,2] [--markdown FILE] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -133,6 +133,44 @@ def ray_projection(train, update_s: float, gbit: float = 10.0) -> list[str]:
     return lines
 
 
+def plot_scaling(rows: list[dict], cores: int, machine: str, path: str) -> str:
+    """Speed-up against workers: measured points, the ideal line, and Amdahl's law with the serial
+    fraction measured here (the parent's serial CPU per step at the most workers measured, over the
+    1-worker step), projected to 16 workers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no scaling chart: matplotlib is not installed (pip install -e '.[plot]')"
+    local = [r for r in rows if r["backend"] == "local" and r["reduce"] == "parent"]
+    base = local[0]
+    most = max(local, key=lambda r: r["workers"])
+    serial = most["serial_ms"] / 1000 / base["step_s"]
+    n = list(range(1, 17))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.plot(n, n, "--", color="grey", label="ideal")
+    ax.plot(n, [1 / (serial + (1 - serial) / k) for k in n], "-", color="#4c78a8",
+            label=f"Amdahl, serial fraction {serial:.1%} (measured)")
+    for r in local:
+        inside = r["workers"] <= cores
+        ax.plot(r["workers"], base["epoch_s"] / r["epoch_s"], "o", color="#e45756",
+                markerfacecolor="#e45756" if inside else "white",
+                label=None if r is not base else "measured here (hollow: more workers than cores)")
+    ax.axvline(cores, color="black", linewidth=0.8, alpha=0.5)
+    ax.text(cores + 0.2, 0.4, f"{cores} cores here", fontsize=8)
+    ax.set(xlabel="workers", ylabel="speed-up over 1 worker (epoch time)", xlim=(0.5, 16.5), ylim=(0, 16.5),
+           title="data-parallel scaling")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    fig.text(0.01, 0.01, machine, fontsize=7, color="grey")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"wrote {path} (Amdahl at 16 workers: {1 / (serial + (1 - serial) / 16):.1f}x)"
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -146,6 +184,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts to measure (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per worker count (default: %(default)s)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="also draw the speed-up chart with the ideal line and Amdahl's law (needs matplotlib)")
     parser.add_argument("--ray", default=None, metavar="1,2",
                         help="also measure these worker counts on the Ray backend (a private local instance)")
     args = parser.parse_args()
@@ -194,6 +234,8 @@ def main() -> None:
             params = optimizer.step(params, grad, 0.1, 1 / BATCH)
             best = min(best, time.perf_counter() - t)
         lines += [""] + ray_projection(data.load()[0], best)
+    if args.plot:
+        lines += ["", plot_scaling(rows, cores, machine, args.plot)]
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -5,6 +5,7 @@ Groups:
   parallel    one data-parallel step (gradient + update) at batch 500 for 1, 2, 4 and 8 workers
               (and 8 with --reduce workers)
   parent      the parent's serial work per step at 8 workers: combining 8 gradient slots, the update
+  trace       the 2-worker step with --trace recording every span, and without
   evaluate    the 10,000 test images, in-process and across 2 workers
   load        reading + validating the IDX files; decoding one batch of 500 from bytes
 """
@@ -75,6 +76,33 @@ def test_data_parallel_step(benchmark, mnist_data, workers, reduce):
             state["step"] += 1
 
         benchmark.pedantic(step, rounds=12, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="trace")
+@pytest.mark.parametrize("traced", [False, True], ids=["off", "on"])
+def test_data_parallel_step_with_tracing(benchmark, mnist_data, traced, tmp_path):
+    """--trace's cost: the same 2-worker step with every span recorded and shipped back, or not."""
+    from parallel_nn.trace import NoTracer, Tracer
+
+    train, test, _ = mnist_data
+    params = he_init(SIZES, 0)
+    optimizer = Optimizer("momentum", len(params))
+    tracer = Tracer(tmp_path / "trace.json") if traced else NoTracer()
+    tracer.active = traced
+    with Engine(SIZES, train, test, 2) as engine:
+        engine.tracer = tracer
+        engine.set_params(params)
+        state = {"step": 0, "params": params}
+
+        def step():
+            with tracer.span("step"):
+                grad, _, _ = engine.gradient(batch_indices(state["step"]))
+                with tracer.span("update"):
+                    state["params"] = optimizer.step(state["params"], grad, 0.1, 1 / BATCH)
+                    engine.set_params(state["params"])
+            state["step"] += 1
+
+        benchmark.pedantic(step, rounds=60, iterations=1, warmup_rounds=10)
 
 
 @pytest.mark.benchmark(group="parent")

@@ -101,6 +101,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to join, e.g. 10.0.0.5:6379 (only with --backend ray; "
                         "default: $RAY_ADDRESS, else a private local Ray instance sized to --workers)")
+    p.add_argument("--trace", default=None, metavar="FILE.json",
+                   help="write a timeline of the parent and every worker (Chrome trace events: open it in Perfetto "
+                        "or chrome://tracing; `plot RUN_DIR` draws it) (default: off)")
+    p.add_argument("--trace-steps", type=positive_int, default=30, metavar="N",
+                   help="steps traced at the start of each epoch, with --trace; evaluations are always traced (default: %(default)s)")
     p.add_argument("--reduce", choices=REDUCERS, default="parent",
                    help="who sums the workers' gradients: the parent, or the workers in parallel after a barrier "
                         "(same result to the bit; default: %(default)s)")
@@ -146,7 +151,8 @@ def command_parser(command: str) -> argparse.ArgumentParser:
     elif command == "download":
         p = argparse.ArgumentParser(prog=prog, description="Fetch MNIST and verify its SHA-256 checksums (what `make datasets` runs).")
     else:
-        p = argparse.ArgumentParser(prog=prog, description="Plot loss and accuracy per epoch of a run to a PNG (needs matplotlib: pip install -e '.[plot]').")
+        p = argparse.ArgumentParser(prog=prog, description="Plot loss and accuracy per epoch of a run to a PNG, and for a run with --trace its timeline "
+                                                  "(timeline.png) and where a step goes (steps.png) (needs matplotlib: pip install -e '.[plot]').")
         p.add_argument("run_dir", metavar="RUN_DIR")
         p.add_argument("--output", default=None, metavar="FILE.png", help="(default: RUN_DIR/curves.png)")
     _common(p, data=command not in ("gradcheck", "plot"))
@@ -177,12 +183,12 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
         if args.resume:
             # A resumed run computes what the saved one would have: only how it runs may change.
             may_change = {"resume", "workers", "epochs", "start_method", "reduce", "quiet", "debug", "backend", "ray_address",
-                          "overwrite"}
+                          "overwrite", "trace", "trace_steps"}
             changed = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
                        if dest not in may_change and value != parser.get_default(dest)]
             if changed:
                 parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "
-                             "(allowed: --workers, --epochs, --start-method, --reduce, --backend, --ray-address, --quiet)")
+                             "(allowed: --workers, --epochs, --start-method, --reduce, --backend, --ray-address, --trace, --trace-steps, --quiet)")
     return command, args
 
 
@@ -240,9 +246,10 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from .plot import plot_run_all
 
-    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    for path in plot_run_all(args.run_dir, args.output):
+        print(f"wrote {path}")
     return 0
 
 

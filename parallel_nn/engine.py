@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 from . import UserError
 from .kernels import KIND, add_into, doubles, floats
 from .mnist import decode_batch
-from .network import loss_and_gradient, predict, unflatten
+from .network import backward, forward, predict, unflatten
+from .trace import Recorder
 
 BACKENDS = ("local", "ray")
 EVAL_CHUNK = 1000  # test images a worker decodes at a time: bounds its memory
@@ -85,22 +86,30 @@ def reduce_sums(parts: Sequence) -> Sequence[float]:
 
 
 def shard_gradient(params: Sequence[float], sizes: Sequence[int], images, labels, indices: Sequence[int],
-                   pixels: int, shifts: Optional[bytes] = None) -> tuple[array, float, int]:
+                   pixels: int, shifts: Optional[bytes] = None, rec: Optional[Recorder] = None) -> tuple[array, float, int]:
     """The worker's computation: (flat sum of the shard's per-example gradients, summed loss, correct).
 
     `images` and `labels` are the raw training bytes (or views of them); nothing else is needed,
-    which is what lets a local process and a remote actor run the same function.
+    which is what lets a local process and a remote actor run the same function. `rec` records
+    the decode, forward and backward spans for --trace.
     """
+    rec = rec or Recorder(False)
     flat = array("d")
     if not indices:  # an empty shard contributes zeros (and still takes part in a reduction)
         flat.frombytes(bytes(8 * len(params)))
         return flat, 0.0, 0
-    grads, loss, correct = loss_and_gradient(unflatten(params, sizes), decode_batch(images, indices, pixels, shifts),
-                                             [labels[k] for k in indices])
-    for dW, db in grads:
-        for row in dW:
-            flat.extend(row)
-        flat.extend(db)
+    layers = unflatten(params, sizes)
+    with rec.span("decode"):
+        X = decode_batch(images, indices, pixels, shifts)
+        X.rows  # decoded here, not lazily inside the forward pass
+    with rec.span("forward"):
+        Zs, As = forward(layers, X)
+    with rec.span("backward"):
+        grads, loss, correct = backward(layers, Zs, As, [labels[k] for k in indices])
+        for dW, db in grads:
+            for row in dW:
+                flat.extend(row)
+            flat.extend(db)
     return flat, loss, correct
 
 

@@ -41,6 +41,7 @@ from .kernels import floats
 from .mnist import Split
 from .network import parameter_count
 from .shm import Segment
+from .trace import NoTracer, Recorder
 
 START_METHODS = ("fork", "spawn", "forkserver")
 REDUCERS = ("parent", "workers")
@@ -68,6 +69,7 @@ class LocalEngine:
         self.restarts = 0
         self.bytes_sent = self.bytes_received = 0  # pickled messages over the pipes, both ways
         self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's stop flag, once it has one
+        self.tracer = NoTracer()  # the trainer's, with --trace
         self.serial = SerialTimer()  # the trainer adds its update to it too
         self._segments: dict[str, Segment] = {}
         self._procs: list = []
@@ -207,7 +209,7 @@ class LocalEngine:
     def _run(self, messages: list) -> dict[int, tuple]:
         """Send each worker its message (None: nothing to do); collect the replies, watching for deaths."""
         pending = {}
-        with self.serial:
+        with self.serial, self.tracer.span("dispatch"):
             for k, message in enumerate(messages):
                 if message is not None:
                     payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # what conn.send() does, counted
@@ -218,6 +220,7 @@ class LocalEngine:
                     pending[k] = self._procs[k].sentinel
                     self.bytes_sent += len(payload)
         replies = {}
+        waiting = self.tracer.span("wait").__enter__()
         while pending:
             ready = set(wait([self._conns[k] for k in pending] + list(pending.values())))
             for k in list(pending):
@@ -235,6 +238,10 @@ class LocalEngine:
                     del pending[k]
                 elif pending[k] in ready:
                     raise self._death(k)
+        waiting.__exit__(None, None, None)
+        for k in sorted(replies):
+            if replies[k][-1]:  # the worker's spans, on this machine's clock
+                self.tracer.worker(k, f"worker {k}", replies[k][-1])
         return replies
 
     def _death(self, k: int) -> WorkerDied:
@@ -263,10 +270,10 @@ class LocalEngine:
         `shifts`: optional augmentation, two bytes per example (mnist.decode_batch).
         """
         # Every worker takes part in a workers' reduction (an empty shard contributes zeros).
-        messages = [None if m is None else ("grad", *m)
+        messages = [None if m is None else ("grad", *m, self.tracer.active)
                     for m in batch_messages(indices, shifts, self.workers, everyone=self.reduce == "workers")]
         replies = self._run_recovering(messages)
-        with self.serial:
+        with self.serial, self.tracer.span("reduce"):
             size, done = self.size, sorted(replies)  # a fixed order: reproducible for a given worker count
             if self.reduce == "workers":
                 total = floats(self._reduced)
@@ -280,7 +287,8 @@ class LocalEngine:
         """(summed test loss, predicted class per test image), the test set split across the workers."""
         if params is not None:
             self.set_params(params)
-        replies = self._run_recovering([None if r is None else ("eval", *r) for r in eval_ranges(self.test_count, self.workers)])
+        replies = self._run_recovering([None if r is None else ("eval", *r, self.tracer.active)
+                                        for r in eval_ranges(self.test_count, self.workers)])
         loss, predictions = 0.0, []
         for k in sorted(replies):
             loss += replies[k][1]
@@ -338,19 +346,26 @@ def _worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
             if message is None:
                 return
             try:
+                rec = Recorder(message[-1])
                 if message[0] == "grad":
-                    _, packed, shifts = message
-                    flat, loss, correct = shard_gradient(floats(params), sizes, train_images, train_labels,
-                                                         unpack_indices(packed),
-                                                         pixels, shifts)
-                    my_slot[:] = flat
+                    _, packed, shifts, _ = message
+                    with rec.span("read weights"):
+                        weights = floats(params)
+                    flat, loss, correct = shard_gradient(weights, sizes, train_images, train_labels, unpack_indices(packed),
+                                                         pixels, shifts, rec)
+                    with rec.span("write slot"):
+                        my_slot[:] = flat
                     if barrier is not None:
-                        barrier.wait()  # every slot is written: reduce this worker's slice of them
-                        reduced[my_start:my_stop] = array("d", reduce_sums(my_parts))
-                    conn.send(("ok", loss, correct))
+                        with rec.span("barrier"):
+                            barrier.wait()  # every slot is written: reduce this worker's slice of them
+                        with rec.span("reduce slice"):
+                            reduced[my_start:my_stop] = array("d", reduce_sums(my_parts))
+                    conn.send(("ok", loss, correct, rec.spans))
                 else:
-                    _, start, stop = message
-                    conn.send(("ok", *shard_predictions(floats(params), sizes, test_images, test_labels, start, stop, pixels)))
+                    _, start, stop, _ = message
+                    with rec.span("evaluate"):
+                        result = shard_predictions(floats(params), sizes, test_images, test_labels, start, stop, pixels)
+                    conn.send(("ok", *result, rec.spans))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
     except (EOFError, OSError):

@@ -102,6 +102,11 @@ def loss_and_gradient(layers: Sequence[Layer], X: SparseMatrix, labels: Sequence
     sizes, and the caller divides once by the batch size.
     """
     Zs, As = forward(layers, X)
+    return backward(layers, Zs, As, labels)
+
+
+def backward(layers: Sequence[Layer], Zs: list[Tensor2D], As: list, labels: Sequence[int]) -> tuple[list[Layer], float, int]:
+    """loss_and_gradient after its forward pass: the loss, then one loop over the layers, last to first."""
     dZ, loss, predictions = softmax_cross_entropy(Zs[-1], labels)
     correct = sum(p == y for p, y in zip(predictions, labels))
     grads: list[Layer] = []

@@ -34,6 +34,7 @@ from .engine import (SerialTimer, StopRequested, WorkerCrashed, batch_messages, 
 from .kernels import floats
 from .mnist import Split
 from .network import parameter_count
+from .trace import NoTracer, Recorder, now, symmetric_offset
 
 CONNECT_TIMEOUT = 30.0  # seconds for a cluster address to answer
 REPLACE_WAIT = 10.0  # seconds a dead actor's replacement may take to start before the run shrinks
@@ -86,13 +87,23 @@ class ShardWorker:
 
         return ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid()
 
-    def gradient(self, params: bytes, packed: bytes, shifts: Optional[bytes]) -> tuple[bytes, float, int]:
-        flat, loss, correct = shard_gradient(floats(params), self.sizes, self.train_images, self.train_labels,
-                                             unpack_indices(packed), self.pixels, shifts)
-        return flat.tobytes(), loss, correct
+    def gradient(self, params: bytes, packed: bytes, shifts: Optional[bytes], trace: bool = False) -> tuple:
+        """(gradient sum as float64 bytes, loss, correct, spans, (start, end) of this call on our clock)."""
+        rec, start = Recorder(trace), now()
+        with rec.span("read weights"):
+            weights = floats(params)
+        flat, loss, correct = shard_gradient(weights, self.sizes, self.train_images, self.train_labels,
+                                             unpack_indices(packed), self.pixels, shifts, rec)
+        with rec.span("serialise"):
+            out = flat.tobytes()
+        return out, loss, correct, rec.spans, (start, now())
 
-    def predict(self, params: bytes, start: int, stop: int) -> tuple[float, list[int]]:
-        return shard_predictions(floats(params), self.sizes, self.test_images, self.test_labels, start, stop, self.pixels)
+    def predict(self, params: bytes, start: int, stop: int, trace: bool = False) -> tuple:
+        rec, began = Recorder(trace), now()
+        with rec.span("evaluate"):
+            loss, predictions = shard_predictions(floats(params), self.sizes, self.test_images, self.test_labels,
+                                                  start, stop, self.pixels)
+        return loss, predictions, rec.spans, (began, now())
 
 
 class RayEngine:
@@ -115,6 +126,7 @@ class RayEngine:
         self.restarts = 0
         self.bytes_sent = self.bytes_received = 0
         self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's stop flag, once it has one
+        self.tracer = NoTracer()  # the trainer's, with --trace
         self._actors: list = []  # the live actors, in shard order
         self._where: dict = {}  # actor -> (node id, host name, pid)
         self._pending: list = []  # replacements not yet started (no free CPU when they were asked for)
@@ -251,10 +263,19 @@ class RayEngine:
                     self._params_ref = ray.put(self._params)
                     self.bytes_sent += len(self._params) * self.nodes()  # one copy travels to each node
             actors = list(self._actors)
-            with self.serial:
+            with self.serial, self.tracer.span("dispatch"):
+                sent = now()
                 refs = make_calls(actors)
             try:
-                return ray.get(refs)
+                with self.tracer.span("wait"):
+                    done = self._completion_times(refs) if self.tracer.active else {}
+                    replies = ray.get(refs)
+                for k, (ref, reply) in enumerate(zip(refs, replies)):
+                    if reply[-2]:  # spans: moved onto the driver's clock (see trace.py)
+                        (start, end), where = reply[-1], self._where[actors[k]]
+                        offset, error_us = symmetric_offset(sent, done[ref], end - start, start)
+                        self.tracer.worker(k, f"worker {k} @ {where[1]}", reply[-2], offset, alignment_error_us=round(error_us))
+                return replies
             except ray.exceptions.RayTaskError:
                 raise  # the computation itself failed: a bug, not a lost actor
             except ray.exceptions.RayError as e:
@@ -266,6 +287,14 @@ class RayEngine:
                     raise WorkerCrashed(f"Ray actors kept dying ({e.__class__.__name__}); gave up after {MAX_RESTARTS} restarts")
                 self._replace(dead or actors)
         raise AssertionError("unreachable")
+
+    def _completion_times(self, refs: list) -> dict:
+        """When each call's result became available here (for placing its spans on this clock)."""
+        times, left = {}, list(refs)
+        while left:
+            ready, left = self.ray.wait(left, num_returns=1)
+            times[ready[0]] = now()
+        return times
 
     def _replace(self, dead: list) -> None:
         ray = self.ray
@@ -290,10 +319,10 @@ class RayEngine:
         def calls(actors):
             messages = batch_messages(indices, shifts, len(actors))
             self.bytes_sent += sum(len(m[0]) + len(m[1] or b"") for m in messages if m)
-            return [actor.gradient.remote(self._params_ref, *m) for actor, m in zip(actors, messages) if m]
+            return [actor.gradient.remote(self._params_ref, *m, self.tracer.active) for actor, m in zip(actors, messages) if m]
 
         replies = self._call(calls)
-        with self.serial:
+        with self.serial, self.tracer.span("reduce"):
             self.bytes_received += sum(len(r[0]) for r in replies)
             total = reduce_sums([r[0] for r in replies])
             loss = sum(r[1] for r in replies)
@@ -306,11 +335,11 @@ class RayEngine:
             self.set_params(params)
 
         def calls(actors):
-            return [actor.predict.remote(self._params_ref, *r) for actor, r in
+            return [actor.predict.remote(self._params_ref, *r, self.tracer.active) for actor, r in
                     zip(actors, eval_ranges(self.test_count, len(actors))) if r]
 
         loss, predictions = 0.0, []
-        for part_loss, part in self._call(calls):
+        for part_loss, part, _, _ in self._call(calls):
             loss += part_loss
             predictions.extend(part)
         return loss, predictions

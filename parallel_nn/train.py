@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import psutil
 
-from . import UserError, atomic, mnist, rundir
+from . import UserError, atomic, mnist, rundir, trace
 from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from .network import Model, he_init, layer_sizes
 from .optim import DEFAULT_LR, Optimizer, learning_rate
@@ -54,6 +54,8 @@ class Config:
     reduce: str = "parent"  # who sums the workers' gradients: the parent, or the workers themselves
     backend: str = "local"  # where the workers run: local processes, or Ray actors
     ray_address: Optional[str] = None  # the Ray cluster to join (None: RAY_ADDRESS, else a private instance)
+    trace: Optional[str] = None  # write a Chrome trace-event timeline here
+    trace_steps: int = 30  # steps traced at the start of each epoch (and every evaluation)
     quiet: bool = False
 
     @classmethod
@@ -88,6 +90,20 @@ class StopFlag:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class _written:
+    """Write the trace when the run ends, however it ends (Ctrl-C included): always valid JSON."""
+
+    def __init__(self, tracer):
+        self.tracer = tracer
+
+    def __enter__(self):
+        return self.tracer
+
+    def __exit__(self, *exc):
+        if isinstance(self.tracer, trace.Tracer):
+            self.tracer.write()
 
 
 class Progress:
@@ -161,7 +177,7 @@ def refusal(run_dir) -> str:
 
 
 # What --resume may change: how a run is executed, never what it computes.
-RUNS_ANYWHERE = ("workers", "start_method", "quiet", "reduce", "backend", "ray_address")
+RUNS_ANYWHERE = ("workers", "start_method", "quiet", "reduce", "backend", "ray_address", "trace", "trace_steps")
 
 
 def prepare(config: Config, resume: Optional[str]) -> tuple[Config, Model, Optional[dict]]:
@@ -202,7 +218,9 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
     train_set, test_set = train_set.limit(config.limit_train), test_set.limit(config.limit_test)
     train_count, test_labels = train_set.count, test_set.labels
     # Made before the run directory: a backend that cannot be had (Ray missing, an address that does
-    # not answer) fails with nothing written.
+    # not answer) or an unwritable --trace path fails with nothing written.
+    config.trace = config.trace and os.path.abspath(config.trace)  # so `plot RUN_DIR` finds it from anywhere
+    tracer = trace.optional(config.trace, config.trace_steps)
     engine = create_engine(config.backend, model.sizes, train_set, test_set, config.workers,
                            start_method=config.start_method, reduce=config.reduce, address=config.ray_address,
                            warn=lambda m: (progress.clear(), print(f"warning: {m}", file=sys.stderr)))
@@ -233,11 +251,12 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             # The checkpoint first: it alone is enough to resume (and to rewrite the other two), so a
             # failure after it (a full disk) loses nothing.
             now = Model(model.sizes, params)
-            save_checkpoint(run_dir / "checkpoint.json", now, {
-                "config": asdict(config), "epoch": at_epoch, "step": at_step, "partial": sums,
-                "optimizer": optimizer.state_dict(), "metrics": history})
-            save_model(run_dir / "weights.json", now)
-            atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+            with tracer.span("checkpoint"):
+                save_checkpoint(run_dir / "checkpoint.json", now, {
+                    "config": asdict(config), "epoch": at_epoch, "step": at_step, "partial": sums,
+                    "optimizer": optimizer.state_dict(), "metrics": history})
+                save_model(run_dir / "weights.json", now)
+                atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
         def stop_here(at_epoch: int, at_step: int, started: float) -> Interrupted:
             partial["seconds"] = time.perf_counter() - started
@@ -246,8 +265,9 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                          f"continue with --resume {run_dir}")
             return Interrupted()
 
-        with StopFlag() as stop, engine:
+        with StopFlag() as stop, engine, _written(tracer):
             engine.stop_requested = lambda: stop.requested
+            engine.tracer = tracer
             engine.set_params(params)
             peak_rss = tree_rss_mb(engine.worker_pids())
             while epoch < config.epochs:
@@ -262,6 +282,8 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                     shifts = None
                     if config.shift:  # drawn per (seed, epoch, step): the same whatever the worker count
                         shifts = mnist.random_shifts(len(batch), config.shift, f"parallel_nn/shift/{config.seed}/{epoch}/{step}")
+                    tracer.active = step < config.trace_steps
+                    step_span = tracer.span("step", epoch=epoch + 1, step=step).__enter__()
                     try:
                         grad_sum, loss, correct = engine.gradient(batch, shifts)
                     except StopRequested:
@@ -270,11 +292,12 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                         partial["seconds"] = time.perf_counter() - started
                         save(epoch, step, partial)
                         raise
-                    with engine.serial:
+                    with engine.serial, tracer.span("update"):
                         scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
                         rate = learning_rate(lr, config.lr_schedule, epoch, step, steps_per_epoch, config.epochs)
                         params = optimizer.step(params, grad_sum, rate, scale)
                         engine.set_params(params)
+                    step_span.__exit__(None, None, None)
                     steps_timed += 1
                     partial["loss"] += loss
                     partial["correct"] += correct
@@ -288,8 +311,10 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                         on_step(epoch, step)
                 seconds = time.perf_counter() - started
                 sent, received = engine.bytes_sent - sent, engine.bytes_received - received  # the steps' traffic, not evaluation's
+                tracer.active = True  # every evaluation is traced
                 try:
-                    test_loss, predictions = engine.evaluate()
+                    with tracer.span("evaluate", epoch=epoch + 1):
+                        test_loss, predictions = engine.evaluate()
                 except StopRequested:
                     raise stop_here(epoch, step, started) from None
                 correct_test = sum(p == y for p, y in zip(predictions, test_labels))
