@@ -7,9 +7,10 @@ Lifetimes, written down where they happen:
   written once before any worker starts). They have no name in /dev/shm: each is freed when the
   last process holding it exits, so no way of dying can leak one. The parent keeps their
   descriptors until `close()`, to hand them to restarted workers.
-- Workers attach once, when they start, from descriptors passed to them (whatever the start
-  method), and never write `params` or `data`. They exit when the parent sends None, when their pipe closes, or when they
-  notice their parent is gone (so a killed trainer leaves no orphans).
+- Workers (worker.py) attach once, when they start, from descriptors passed to them (whatever
+  the start method), and never write `params` or `data`. They exit when the parent sends None,
+  when their pipe closes, or when they notice their parent is gone (so a killed trainer leaves no
+  orphans).
 - Per step the parent sends each worker only the indices of its examples (a few hundred bytes);
   weights are never pickled.
 - With reduce="workers" there is a fourth segment, `reduced`: after a barrier, worker k sums
@@ -25,28 +26,25 @@ forever for a task whose worker was killed (cpython#96062), while `connection.wa
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
 import signal
 import sys
 import time
-import traceback
 from array import array
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from .engine import (SerialTimer, StopRequested, WorkerCrashed, WorkerDied, batch_messages, eval_ranges, reduce_sums, shard,
-                     shard_gradient, shard_predictions, unpack_indices)
+from .engine import SerialTimer, StopRequested, WorkerCrashed, WorkerDied, batch_messages, eval_ranges, reduce_sums
 from .kernels import floats
 from .mnist import Split
 from .network import parameter_count
 from .shm import Segment
-from .trace import NoTracer, Recorder
+from .trace import NoTracer
+from .worker import PARENTS_SIGNALS, slot_views, worker_main
 
 START_METHODS = ("fork", "spawn", "forkserver")
 REDUCERS = ("parent", "workers")
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
-PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}  # sent to the whole group, meant for the trainer alone
 
 
 class LocalEngine:
@@ -148,7 +146,7 @@ class LocalEngine:
         try:
             for k in range(self.workers):
                 parent_end, child_end = self.context.Pipe()
-                proc = self.context.Process(target=_worker_main, args=(child_end, spec, k, barrier),
+                proc = self.context.Process(target=worker_main, args=(child_end, spec, k, barrier),
                                             name=f"parallel_nn-worker-{k}", daemon=True)
                 proc.start()
                 child_end.close()
@@ -274,7 +272,7 @@ class LocalEngine:
                     for m in batch_messages(indices, shifts, self.workers, everyone=self.reduce == "workers")]
         replies = self._run_recovering(messages)
         with self.serial, self.tracer.span("reduce"):
-            size, done = self.size, sorted(replies)  # a fixed order: reproducible for a given worker count
+            done = sorted(replies)  # a fixed order: reproducible for a given worker count
             if self.reduce == "workers":
                 total = floats(self._reduced)
             else:
@@ -294,84 +292,3 @@ class LocalEngine:
             loss += replies[k][1]
             predictions.extend(replies[k][2])
         return loss, predictions
-
-
-def slot_views(buf: memoryview, size: int, workers: int, start: int = 0, stop: int | None = None) -> list[memoryview]:
-    """Per worker k, the raw bytes of float64 elements start..stop of its slot in the `slots` segment.
-
-    Made once, and sliced as bytes: under PyPy a slice of a view cast to "d" is read element by
-    element (~10x slower than a byte slice). Writers and readers cast as they need.
-    """
-    stop = size if stop is None else stop
-    return [buf[8 * (k * size + start) : 8 * (k * size + stop)] for k in range(workers)]
-
-
-# ---- the worker side ----
-
-
-def _worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
-    # Ctrl-C at a terminal, or its closing (SIGHUP), goes to the whole process group; only the
-    # parent decides what it means (save, stop the workers). A worker that died of it would look
-    # like a crash.
-    for sig in PARENTS_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENTS_SIGNALS)  # blocked by the parent while starting us
-    # A forked worker inherits the trainer's SIGTERM handler (which only sets a flag); terminate()
-    # must end it.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # The process that started us: the trainer (fork, spawn) or the forkserver, which exits with
-    # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
-    parent_pid = os.getppid()
-    segments = {key: handle.attach() for key, handle in spec["segments"].items()}
-    sizes, pixels = spec["sizes"], spec["pixels"]
-    size = parameter_count(sizes)
-    params = segments["params"].buf  # raw float64 bytes: floats() reads them in bulk
-    my_slot = slot_views(segments["slots"].buf, size, spec["workers"])[slot].cast("d")
-    reduced = segments["reduced"].buf.cast("d") if barrier is not None else None
-    # this worker's slice of the reduction (the same contiguous split as the shards), in every slot
-    bounds = shard(range(size), spec["workers"])[slot]
-    my_start, my_stop = (bounds[0], bounds[-1] + 1) if bounds else (0, 0)
-    my_parts = slot_views(segments["slots"].buf, size, spec["workers"], my_start, my_stop) if barrier is not None else []
-    data = segments["data"].buf
-    train_images, train_labels, test_images, test_labels = (data[a : a + n] for a, n in spec["layout"])
-    views = [v for v in (params, my_slot, *my_parts, reduced, data, train_images, train_labels, test_images, test_labels)
-             if v is not None]
-    try:
-        while True:
-            if not conn.poll(1.0):
-                if os.getppid() != parent_pid:
-                    return
-                continue
-            message = conn.recv()
-            if message is None:
-                return
-            try:
-                rec = Recorder(message[-1])
-                if message[0] == "grad":
-                    _, packed, shifts, _ = message
-                    with rec.span("read weights"):
-                        weights = floats(params)
-                    flat, loss, correct = shard_gradient(weights, sizes, train_images, train_labels, unpack_indices(packed),
-                                                         pixels, shifts, rec)
-                    with rec.span("write slot"):
-                        my_slot[:] = flat
-                    if barrier is not None:
-                        with rec.span("barrier"):
-                            barrier.wait()  # every slot is written: reduce this worker's slice of them
-                        with rec.span("reduce slice"):
-                            reduced[my_start:my_stop] = array("d", reduce_sums(my_parts))
-                    conn.send(("ok", loss, correct, rec.spans))
-                else:
-                    _, start, stop, _ = message
-                    with rec.span("evaluate"):
-                        result = shard_predictions(floats(params), sizes, test_images, test_labels, start, stop, pixels)
-                    conn.send(("ok", *result, rec.spans))
-            except Exception:
-                conn.send(("error", traceback.format_exc()))
-    except (EOFError, OSError):
-        return  # the parent closed the pipe
-    finally:
-        for view in views:
-            view.release()
-        for segment in segments.values():
-            segment.close()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 from array import array
 from typing import Callable, Optional, Sequence
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import operator
-from array import array
 from itertools import compress
 from operator import itemgetter, mul
 from typing import Callable, Sequence, Union
