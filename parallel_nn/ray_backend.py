@@ -28,12 +28,11 @@ from array import array
 from typing import Callable, Optional, Sequence
 
 from . import UserError
-from .engine import (SerialTimer, StopRequested, WorkerCrashed, batch_messages, eval_ranges, reduce_sums, shard_gradient,
-                     shard_predictions, unpack_indices)
-from .kernels import floats
+from .engine import SerialTimer, StopRequested, WorkerCrashed, batch_messages, eval_ranges, reduce_sums
 from .mnist import Split
 from .network import parameter_count
-from .trace import NoTracer, Recorder, now, symmetric_offset
+from .ray_worker import ShardWorker
+from .trace import NoTracer, now, symmetric_offset
 
 CONNECT_TIMEOUT = 30.0  # seconds for a cluster address to answer
 REPLACE_WAIT = 10.0  # seconds a dead actor's replacement may take to start before the run shrinks
@@ -72,37 +71,6 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     except (OSError, ValueError) as e:
         raise UserError(f"--ray-address {address}: nothing answers there ({e}); start the cluster with "
                         "`ray start --head` and pass the address it prints") from None
-
-
-class ShardWorker:
-    """One actor: holds the dataset bytes, computes shard gradients and predictions on request."""
-
-    def __init__(self, sizes: Sequence[int], pixels: int, train: tuple[bytes, bytes], test: tuple[bytes, bytes]):
-        self.sizes, self.pixels = list(sizes), pixels
-        (self.train_images, self.train_labels), (self.test_images, self.test_labels) = train, test
-
-    def where(self) -> tuple[str, str, int]:
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid()
-
-    def gradient(self, params: bytes, packed: bytes, shifts: Optional[bytes], trace: bool = False) -> tuple:
-        """(gradient sum as float64 bytes, loss, correct, spans, (start, end) of this call on our clock)."""
-        rec, start = Recorder(trace), now()
-        with rec.span("read weights"):
-            weights = floats(params)
-        flat, loss, correct = shard_gradient(weights, self.sizes, self.train_images, self.train_labels,
-                                             unpack_indices(packed), self.pixels, shifts, rec)
-        with rec.span("serialise"):
-            out = flat.tobytes()
-        return out, loss, correct, rec.spans, (start, now())
-
-    def predict(self, params: bytes, start: int, stop: int, trace: bool = False) -> tuple:
-        rec, began = Recorder(trace), now()
-        with rec.span("evaluate"):
-            loss, predictions = shard_predictions(floats(params), self.sizes, self.test_images, self.test_labels,
-                                                  start, stop, self.pixels)
-        return loss, predictions, rec.spans, (began, now())
 
 
 class RayEngine:

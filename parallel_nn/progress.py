@@ -1,0 +1,66 @@
+"""What a run shows while it runs: a live progress line, the per-epoch line, and the memory of its
+process tree (the numbers metrics.jsonl records)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+import psutil
+
+
+class Progress:
+    """A live line on a terminal (stderr); nothing between epochs otherwise; silent with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.live = not quiet and sys.stderr.isatty()
+        self.quiet = quiet
+        self.last = 0.0
+
+    def step(self, epoch: int, epochs: int, done: int, total: int, seen: int, seconds: float, loss: float) -> None:
+        now = time.monotonic()
+        if not self.live or (now - self.last < 0.2 and done < total):
+            return
+        self.last = now
+        rate = seen / seconds if seconds > 0 else 0.0
+        eta = (total - done) * seconds / max(1, done)
+        sys.stderr.write(f"\repoch {epoch}/{epochs} [{done:>4}/{total}] {rate:7,.0f} ex/s  loss {loss:.4f}  ETA {eta:4.0f}s ")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.live:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def epoch(self, m: dict, epochs: int) -> None:
+        self.say(f"epoch {m['epoch']:>2}/{epochs}  train loss {m['train_loss']:.4f} acc {100 * m['train_accuracy']:.2f}%  "
+                 f"test loss {m['test_loss']:.4f} acc {100 * m['test_accuracy']:.2f}%  {m['epoch_seconds']:5.1f}s  "
+                 f"{m['examples_per_second']:,.0f} ex/s  serial {m['serial_ms_per_step']:.1f} ms/step  rss {m['peak_rss_mb']:.0f} MB")
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            self.clear()
+            print(message, flush=True)
+
+
+def tree_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in [os.getpid(), *pids]:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def tree_pss_mb(pids: list[int]) -> Optional[float]:
+    """Proportional set size of the process tree (shared pages split between their users), Linux only."""
+    total = 0
+    for pid in [os.getpid(), *pids]:
+        try:
+            total += psutil.Process(pid).memory_full_info().pss  # no pss field off Linux
+        except (psutil.Error, AttributeError):
+            return None
+    return total / 2**20
