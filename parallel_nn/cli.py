@@ -118,7 +118,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="learning rate (default: per optimizer: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="step",
                    help="constant; step: x0.1 from 70%% of the epochs; cosine: to 0 over the run (default: %(default)s)")
-    p.add_argument("--momentum", type=momentum_float, default=0.9, metavar="MU", help="momentum coefficient (default: %(default)s)")
+    p.add_argument("--momentum", type=momentum_float, default=0.9, metavar="MU", help="momentum coefficient, in [0, 1) (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="WD", help="L2 penalty coefficient (default: %(default)s)")
     p.add_argument("--shift", type=int, choices=range(0, 5), default=0, metavar="PIXELS",
                    help="augment: move each training image by up to PIXELS (0-4) in x and y, fresh every epoch (default: %(default)s)")
