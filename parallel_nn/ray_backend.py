@@ -160,7 +160,7 @@ class RayEngine:
                 self._where[probes[ref]] = ray.get(ref)
                 started.append(probes[ref])
             except ray.exceptions.RayError:
-                pass  # died while starting (its node went away): a later check asks for another
+                pass  # died while starting (its node went away): stays pending, and _grow asks for another
         waiting = [a for a in actors if a not in started and a not in self._where]
         self._pending += waiting
         self._probes.update({ref: actor for ref, actor in probes.items() if actor in waiting})
@@ -177,7 +177,10 @@ class RayEngine:
             self._pending.remove(actor)
             try:
                 self._where[actor] = ray.get(ref)
-            except ray.exceptions.RayError:
+            except ray.exceptions.RayError:  # it died before it started: ask for another in its place
+                replacement = self._new_actor()
+                self._pending.append(replacement)
+                self._probes[replacement.where.remote()] = replacement
                 continue
             self._actors.append(actor)
         if ready and len(self._actors) == self.workers and self._shrunk:
