@@ -112,7 +112,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="passes over the training set (default: 10)")
     p.add_argument("--batch-size", type=positive_int, default=500, metavar="B", help="global mini-batch, split across the workers (default: %(default)s)")
     p.add_argument("--hidden", type=layer_list, default=[32, 32], metavar="32,32", help="hidden layer sizes (default: 32,32)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum",
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="nesterov",
                    help="update rule (default: %(default)s, the best measured; see README)")
     p.add_argument("--lr", type=positive_float, default=None, metavar="LR",
                    help="learning rate (default: per optimizer: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
@@ -120,7 +120,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="constant; step: x0.1 from 70%% of the epochs; cosine: to 0 over the run (default: %(default)s)")
     p.add_argument("--momentum", type=momentum_float, default=0.9, metavar="MU", help="momentum coefficient, in [0, 1) (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="WD", help="L2 penalty coefficient (default: %(default)s)")
-    p.add_argument("--shift", type=int, choices=range(0, 5), default=0, metavar="PIXELS",
+    p.add_argument("--shift", type=int, choices=range(0, 5), default=1, metavar="PIXELS",
                    help="augment: move each training image by up to PIXELS (0-4) in x and y, fresh every epoch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="every random choice (init, shuffling) derives from it (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="use only the first N training examples (default: all 60000)")

@@ -36,12 +36,12 @@ class Config:
     epochs: int = 10
     batch_size: int = 500
     hidden: list[int] = field(default_factory=lambda: [32, 32])
-    optimizer: str = "momentum"
+    optimizer: str = "nesterov"
     lr: Optional[float] = None  # None: DEFAULT_LR[optimizer]
     lr_schedule: str = "step"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    shift: int = 0  # augmentation: translate each training image by up to this many pixels
+    shift: int = 1  # augmentation: translate each training image by up to this many pixels (0: off)
     seed: int = 0
     data_dir: str = "datasets/mnist"
     limit_train: Optional[int] = None

@@ -19,12 +19,12 @@ def test_real_data_loads_and_matches_its_checksums(real_data):
 
 
 def test_real_data_one_sgd_step_equals_the_textbook(real_data, tmp_path):
-    """--init, --optimizer sgd, --no-shuffle, 500 images, batch 500: W moves by exactly -lr dL/dW."""
+    """--init, --optimizer sgd, --shift 0, --no-shuffle, 500 images, batch 500: W moves by exactly -lr dL/dW."""
     sizes = [784, 32, 32, 10]
     start = Model(sizes, he_init(sizes, 5))
     save_model(tmp_path / "init.json", start)
     lr = 0.1
-    train(Config(workers=2, epochs=1, batch_size=500, limit_train=500, limit_test=100, shuffle=False, optimizer="sgd",
+    train(Config(workers=2, epochs=1, batch_size=500, limit_train=500, limit_test=100, shuffle=False, optimizer="sgd", shift=0,
                  lr=lr, lr_schedule="constant", init=str(tmp_path / "init.json"), data_dir=str(real_data),
                  run_dir=str(tmp_path / "run"), quiet=True))
     after = load_model(tmp_path / "run")

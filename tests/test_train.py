@@ -48,7 +48,7 @@ def test_one_sgd_step_is_exactly_minus_lr_times_the_mean_gradient(tiny_data, tmp
     start = Model(sizes, he_init(sizes, 11))
     save_model(tmp_path / "init.json", start)
     lr = 0.05
-    train(config(tiny_data, tmp_path / "run", workers=3, epochs=1, optimizer="sgd", lr=lr, lr_schedule="constant",
+    train(config(tiny_data, tmp_path / "run", workers=3, epochs=1, optimizer="sgd", lr=lr, lr_schedule="constant", shift=0,
                  shuffle=False, limit_train=500, batch_size=500, init=str(tmp_path / "init.json")))
     after = load_model(tmp_path / "run" / "weights.json")
     assert load_model(tmp_path / "init.json").params == start.params  # --init reads the file bit-for-bit
@@ -201,3 +201,14 @@ def test_ray_backend_without_ray_names_the_extra(tiny_data, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "needs Ray" in done.stderr and ("'.[ray]'" in done.stderr or "EXTRAS=dev,ray" in done.stderr)
+
+
+def test_the_defaults_are_the_studied_recipe():
+    """What the README's accuracy study chose: Nesterov at lr 0.15, step decay, one-pixel shifts."""
+    from parallel_nn.cli import parse
+
+    _, args = parse([])
+    config = Config(**{k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__})
+    assert (config.optimizer, config.resolved_lr(), config.lr_schedule, config.shift, config.momentum) == \
+        ("nesterov", 0.15, "step", 1, 0.9)
+    assert Config().optimizer == "nesterov" and Config().shift == 1  # the API's defaults are the CLI's
