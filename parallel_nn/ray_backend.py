@@ -100,7 +100,6 @@ class RayEngine:
         self._probes: dict = {}  # a pending actor's where() call -> the actor: ready once it starts
         self._params: bytes = bytes(8 * self.size)
         self._params_ref = None
-        self._private = False
         self._shrunk = False
 
     # ---- lifetime ----
@@ -122,7 +121,6 @@ class RayEngine:
             if self.address:
                 ray.init(address=self.address, runtime_env=runtime_env, logging_level="ERROR", log_to_driver=False)
             else:
-                self._private = True
                 ray.init(address="local", num_cpus=self.workers, include_dashboard=False, runtime_env=runtime_env,
                          logging_level="ERROR", log_to_driver=False)
             cpus = ray.cluster_resources().get("CPU", 0)
@@ -212,9 +210,6 @@ class RayEngine:
 
     def nodes(self) -> int:
         return len({self._where[a][0] for a in self._actors})
-
-    def describe(self) -> list[str]:
-        return [f"worker {k} @ {self._where[a][1]}" for k, a in enumerate(self._actors)]
 
     # ---- the step ----
 
