@@ -10,7 +10,7 @@ EXTRAS ?= dev
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: install datasets train test bench bench-interpreters clean
+.PHONY: install datasets train record test bench bench-interpreters clean
 
 install:
 	@tools/venv $(VENV) $(EXTRAS) $(PYTHON)
@@ -20,6 +20,10 @@ datasets: install
 
 train: datasets
 	$(PY) -m parallel_nn $(ARGS)
+
+# The best recipe found for 784-32-32-10 in <= 20 epochs (README, Accuracy): 97.98% (seed 0).
+record: datasets
+	$(PY) -m parallel_nn --epochs 20 --lr-schedule onecycle --lr 0.4 $(ARGS)
 
 test: install
 	$(PY) -m pytest

@@ -117,7 +117,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=None, metavar="LR",
                    help="learning rate (default: per optimizer: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="step",
-                   help="constant; step: x0.1 from 70%% of the epochs; cosine: to 0 over the run (default: %(default)s)")
+                   help="constant; step: x0.1 from 70%% of the epochs; cosine: to 0 over the run; onecycle: warm up "
+                        "from lr/25 to lr over 30%% of the run, then cosine to 0 (default: %(default)s)")
     p.add_argument("--momentum", type=momentum_float, default=0.9, metavar="MU", help="momentum coefficient, in [0, 1) (default: %(default)s)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="WD", help="L2 penalty coefficient (default: %(default)s)")
     p.add_argument("--shift", type=int, choices=range(0, 5), default=1, metavar="PIXELS",

@@ -13,7 +13,7 @@ from .kernels import momentum_update, sgd_update
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.15, "adam": 0.001}  # nesterov 0.15: measured (README, Accuracy)
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
 class Optimizer:
@@ -76,8 +76,10 @@ def learning_rate(base: float, schedule: str, epoch: int, step: int, steps_per_e
                   decay_at: float = 0.7, factor: float = 0.1) -> float:
     """The rate for step `step` of epoch `epoch` (both from 0): a pure function, so resume needs no state.
 
-    step:   base until decay_at of the run, then base * factor (changes at an epoch boundary)
-    cosine: base * (1 + cos(pi * progress)) / 2, progress measured in steps over the whole run
+    step:     base until decay_at of the run, then base * factor (changes at an epoch boundary)
+    cosine:   base * (1 + cos(pi * progress)) / 2, progress measured in steps over the whole run
+    onecycle: a linear warm-up from base / 25 to base over the first 30% of the steps, then cosine
+              down to 0 over the rest (Smith's one-cycle policy, without its momentum cycle)
     """
     if schedule == "constant":
         return base
@@ -86,4 +88,9 @@ def learning_rate(base: float, schedule: str, epoch: int, step: int, steps_per_e
     if schedule == "cosine":
         progress = (epoch * steps_per_epoch + step) / max(1, epochs * steps_per_epoch)
         return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "onecycle":
+        progress = (epoch * steps_per_epoch + step) / max(1, epochs * steps_per_epoch)
+        if progress < 0.3:
+            return base / 25 + (base - base / 25) * progress / 0.3
+        return base * 0.5 * (1.0 + math.cos(math.pi * (progress - 0.3) / 0.7))
     raise ValueError(f"unknown schedule {schedule!r}")

@@ -58,3 +58,7 @@ def test_schedules():
     assert learning_rate(0.1, "cosine", 0, 0, 10, 10) == 0.1
     assert learning_rate(0.1, "cosine", 5, 0, 10, 10) == pytest.approx(0.05)
     assert learning_rate(0.1, "cosine", 9, 9, 10, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert learning_rate(0.1, "onecycle", 0, 0, 10, 10) == pytest.approx(0.004)  # warm-up starts at base / 25
+    assert learning_rate(0.1, "onecycle", 3, 0, 10, 10) == pytest.approx(0.1)  # the peak, at 30% of the steps
+    assert learning_rate(0.1, "onecycle", 1, 5, 10, 10) == pytest.approx(0.004 + 0.096 * 0.15 / 0.3)
+    assert learning_rate(0.1, "onecycle", 9, 9, 10, 10) < 0.001  # annealed to ~0 by the end
