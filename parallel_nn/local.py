@@ -218,25 +218,24 @@ class LocalEngine:
                     pending[k] = self._procs[k].sentinel
                     self.bytes_sent += len(payload)
         replies = {}
-        waiting = self.tracer.span("wait").__enter__()
-        while pending:
-            ready = set(wait([self._conns[k] for k in pending] + list(pending.values())))
-            for k in list(pending):
-                conn = self._conns[k]
-                if conn in ready:
-                    try:
-                        payload = conn.recv_bytes()
-                    except (EOFError, OSError):  # its end of the pipe closed: it died
+        with self.tracer.span("wait"):
+            while pending:
+                ready = set(wait([self._conns[k] for k in pending] + list(pending.values())))
+                for k in list(pending):
+                    conn = self._conns[k]
+                    if conn in ready:
+                        try:
+                            payload = conn.recv_bytes()
+                        except (EOFError, OSError):  # its end of the pipe closed: it died
+                            raise self._death(k)
+                        self.bytes_received += len(payload)
+                        reply = pickle.loads(payload)
+                        if reply[0] == "error":
+                            raise RuntimeError(f"worker {k} failed:\n{reply[1]}")
+                        replies[k] = reply
+                        del pending[k]
+                    elif pending[k] in ready:
                         raise self._death(k)
-                    self.bytes_received += len(payload)
-                    reply = pickle.loads(payload)
-                    if reply[0] == "error":
-                        raise RuntimeError(f"worker {k} failed:\n{reply[1]}")
-                    replies[k] = reply
-                    del pending[k]
-                elif pending[k] in ready:
-                    raise self._death(k)
-        waiting.__exit__(None, None, None)
         for k in sorted(replies):
             if replies[k][-1]:  # the worker's spans, on this machine's clock
                 self.tracer.worker(k, f"worker {k}", replies[k][-1])

@@ -227,21 +227,20 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                     if config.shift:  # drawn per (seed, epoch, step): the same whatever the worker count
                         shifts = mnist.random_shifts(len(batch), config.shift, f"parallel_nn/shift/{config.seed}/{epoch}/{step}")
                     tracer.active = step < config.trace_steps
-                    step_span = tracer.span("step", epoch=epoch + 1, step=step).__enter__()
-                    try:
-                        grad_sum, loss, correct = engine.gradient(batch, shifts)
-                    except StopRequested:
-                        raise stop_here(epoch, step, started) from None
-                    except WorkerCrashed:
-                        partial["seconds"] = time.perf_counter() - started
-                        save(epoch, step, partial)
-                        raise
-                    with engine.serial, tracer.span("update"):
-                        scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
-                        rate = learning_rate(lr, config.lr_schedule, epoch, step, steps_per_epoch, config.epochs)
-                        params = optimizer.step(params, grad_sum, rate, scale)
-                        engine.set_params(params)
-                    step_span.__exit__(None, None, None)
+                    with tracer.span("step", epoch=epoch + 1, step=step):
+                        try:
+                            grad_sum, loss, correct = engine.gradient(batch, shifts)
+                        except StopRequested:
+                            raise stop_here(epoch, step, started) from None
+                        except WorkerCrashed:
+                            partial["seconds"] = time.perf_counter() - started
+                            save(epoch, step, partial)
+                            raise
+                        with engine.serial, tracer.span("update"):
+                            scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
+                            rate = learning_rate(lr, config.lr_schedule, epoch, step, steps_per_epoch, config.epochs)
+                            params = optimizer.step(params, grad_sum, rate, scale)
+                            engine.set_params(params)
                     steps_timed += 1
                     partial["loss"] += loss
                     partial["correct"] += correct
