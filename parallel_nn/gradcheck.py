@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass
 
 from . import network
-from .mnist import PIXEL_VALUES
 from .tensor import SparseMatrix
 
 TOLERANCE = 1e-6
@@ -34,7 +33,7 @@ def problem(seed: int = 0, sizes=(20, 8, 6, 4), examples: int = 12):
     """A small network and batch: pixels are 0 with probability 1/2, like MNIST's many zeros."""
     rng = random.Random(f"parallel_nn/gradcheck/{seed}")
     raw = bytes(rng.randrange(1, 256) if rng.random() < 0.5 else 0 for _ in range(examples * sizes[0]))
-    X = SparseMatrix(raw, sizes[0], PIXEL_VALUES)
+    X = SparseMatrix(raw, sizes[0])
     labels = [rng.randrange(sizes[-1]) for _ in range(examples)]
     params = network.he_init(list(sizes), seed)
     params = [p + rng.uniform(-0.1, 0.1) for p in params]  # non-zero biases too

@@ -16,7 +16,7 @@ from __future__ import annotations
 from array import array
 from typing import Sequence
 
-from .tensor import SparseMatrix, Tensor2D, Vector
+from .tensor import PIXEL_VALUES, SparseMatrix, Tensor2D, Vector
 
 
 def linear(A: Tensor2D, W: Tensor2D, b: Vector) -> Tensor2D:
@@ -78,24 +78,25 @@ def column_sums(dZ: Tensor2D) -> Vector:
     return sums
 
 
-def sparse_rows(raw: bytes, width: int, table: Sequence[float]) -> list[tuple[list[int], Vector]]:
-    """Per row of `width` bytes: (positions of its non-zero bytes, table[byte] for each)."""
+def sparse_rows(raw: bytes, width: int) -> list[tuple[list[int], bytes]]:
+    """Per row of `width` bytes: (positions of its non-zero bytes, those bytes)."""
     rows = []
     for start in range(0, len(raw), width):
-        positions, values = [], []
+        positions, levels = [], bytearray()
         for i in range(width):
-            byte = raw[start + i]
-            if byte:
+            level = raw[start + i]
+            if level:
                 positions.append(i)
-                values.append(table[byte])
-        rows.append((positions, values))
+                levels.append(level)
+        rows.append((positions, bytes(levels)))
     return rows
 
 
 def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:
     """Z[n][j] = sum_{i: X[n][i] != 0} X[n][i] * W[j][i] + b[j]"""
     Z = []
-    for indices, values in X.rows:
+    for indices, levels in X.rows:
+        values = [PIXEL_VALUES[level] for level in levels]
         z = []
         for j in range(len(W)):
             w, total = W[j], 0.0
@@ -110,7 +111,8 @@ def sparse_weight_grad(dZ: Tensor2D, X: SparseMatrix) -> Tensor2D:
     """dW[j][i] = sum_{n: X[n][i] != 0} dZ[n][j] * X[n][i]; columns of X that are all zero give 0."""
     outputs = len(dZ[0]) if dZ else 0
     dWT: list[Vector] = [[0.0] * outputs for _ in range(X.width)]  # dWT[i] is column i of dW
-    for dz, (indices, values) in zip(dZ, X.rows):
+    for dz, (indices, levels) in zip(dZ, X.rows):
+        values = [PIXEL_VALUES[level] for level in levels]
         for t in range(len(indices)):
             v, column = values[t], dWT[indices[t]]
             for j in range(outputs):

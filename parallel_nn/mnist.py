@@ -17,12 +17,10 @@ from typing import Callable, Sequence
 
 from . import UserError, atomic
 from .kernels import sparse_rows
-from .tensor import SparseMatrix
+from .tensor import PIXEL_VALUES, SparseMatrix  # noqa: F401 (PIXEL_VALUES: a pixel's value, by level)
 
 PIXELS = 28 * 28
 CLASSES = 10
-# x / 255 for every byte value: decoding a pixel is one list lookup, not a division.
-PIXEL_VALUES = [v / 255.0 for v in range(256)]
 
 SHA256 = {  # of the decompressed files (DESIGN.md)
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -134,7 +132,7 @@ def decode_batch(images: bytes | memoryview, indices: Sequence[int], pixels: int
     else:
         raw = b"".join([shift_image(bytes(images[k * pixels : (k + 1) * pixels]), shifts[2 * n] - 128, shifts[2 * n + 1] - 128)
                         for n, k in enumerate(indices)])
-    return SparseMatrix(raw, pixels, PIXEL_VALUES, sparse_rows)
+    return SparseMatrix(raw, pixels, sparse_rows)
 
 
 def shift_image(image: bytes, dx: int, dy: int, side: int = 28) -> bytes:

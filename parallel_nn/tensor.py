@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import operator
-from itertools import compress
+from itertools import compress, cycle
 from operator import itemgetter, mul
 from typing import Callable, Sequence, Union
+
+from . import lanes
 
 Vector = list[float]
 Tensor2D = list[list[float]]
@@ -149,7 +151,7 @@ def momentum_update(params: Vector, v: Vector, grad: Vector, lr: float, mu: floa
     return [p - lr * vi for p, vi in zip(params, v)], v
 
 
-def _gatherer(indices: list[int]) -> Callable[[Sequence[float]], Sequence[float]]:
+def _gatherer(indices: list[int]) -> Callable[[Sequence], Sequence]:
     """A C-speed `lambda seq: [seq[i] for i in indices]` (itemgetter returns a bare item for one index)."""
     if len(indices) == 1:
         only = indices[0]
@@ -157,74 +159,98 @@ def _gatherer(indices: list[int]) -> Callable[[Sequence[float]], Sequence[float]
     return itemgetter(*indices)
 
 
+# A pixel is a byte, its level; its value is level / LEVELS.
+LEVELS = 255
+PIXEL_VALUES = [v / LEVELS for v in range(256)]  # decoding a level is one list lookup, not a division
+
+
 class SparseMatrix:
     """A batch of uint8 rows, decoded lazily into only the non-zero entries.
 
     MNIST images are ~81% zeros, so the first layer touches ~150 of 784 pixels per image. The raw
     bytes stay bytes (the cheapest representation to ship and store); `rows` and `columns` are the
-    two sparse views the forward and backward passes need, built with C-level `compress`.
+    two sparse views the forward and backward passes need. Both keep the levels as bytes: the
+    kernels turn them into floats (loops.py) or multiply packed ints by them (lanes.py).
     """
 
-    def __init__(self, raw: bytes, width: int, table: Sequence[float], decode_rows: "Callable | None" = None):
+    def __init__(self, raw: bytes, width: int, decode_rows: "Callable | None" = None):
         if width <= 0 or len(raw) % width:
             raise ValueError(f"{len(raw)} bytes do not make rows of {width}")
-        self.raw, self.width, self.table = bytes(raw), width, table
+        self.raw, self.width = bytes(raw), width
         self.height = len(raw) // width
-        self._decode_rows = decode_rows or sparse_rows  # kernels.sparse_rows picks the interpreter's
-        self._rows: list[tuple[list[int], Vector]] | None = None
-        self._columns: list[tuple[int, list[int], Vector]] | None = None
+        self._decode_rows = decode_rows or sparse_rows  # kernels.sparse_rows: the interpreter's fastest
+        self._rows: list[tuple[list[int], bytes]] | None = None
+        self._columns: list[tuple[int, list[int], bytes]] | None = None
 
     @property
-    def rows(self) -> list[tuple[list[int], Vector]]:
-        """Per row n: (the columns i where X[n][i] != 0, those values)."""
+    def rows(self) -> list[tuple[list[int], bytes]]:
+        """Per row n: (the columns i where X[n][i] != 0, their levels)."""
         if self._rows is None:
-            self._rows = self._decode_rows(self.raw, self.width, self.table)
+            self._rows = self._decode_rows(self.raw, self.width)
         return self._rows
 
     @property
-    def columns(self) -> list[tuple[int, list[int], Vector]]:
-        """Per column i with any non-zero: (i, the rows n where X[n][i] != 0, those values)."""
+    def columns(self) -> list[tuple[int, list[int], bytes]]:
+        """Per column i with any non-zero: (i, the rows n where X[n][i] != 0, their levels)."""
         if self._columns is None:
-            positions, decode, raw, w = range(self.height), self.table.__getitem__, self.raw, self.width
-            self._columns = []
-            for i in range(w):
-                column = raw[i::w]  # a strided bytes slice: one C call per column
-                if any(column):
-                    self._columns.append((i, list(compress(positions, column)), list(map(decode, compress(column, column)))))
+            w = self.width
+            transposed = b"".join([self.raw[i::w] for i in range(w)])  # strided slices: one C call per column
+            columns = self._decode_rows(transposed, self.height) if self.height else [([], b"")] * w
+            self._columns = [(i, rows, levels) for i, (rows, levels) in enumerate(columns) if rows]
         return self._columns
 
     def dense(self) -> Tensor2D:
-        decode = self.table.__getitem__
+        decode = PIXEL_VALUES.__getitem__
         w = self.width
         return [list(map(decode, self.raw[s : s + w])) for s in range(0, len(self.raw), w)]
 
 
-def sparse_rows(raw: bytes, width: int, table: Sequence[float]) -> list[tuple[list[int], Vector]]:
-    """Per row of `width` bytes: (positions of its non-zero bytes, table[byte] for each), with C-level compress."""
-    positions, decode, rows = range(width), table.__getitem__, []
-    for start in range(0, len(raw), width):
-        row = raw[start : start + width]
-        rows.append((list(compress(positions, row)), list(map(decode, compress(row, row)))))
+def sparse_rows(raw: bytes, width: int) -> list[tuple[list[int], bytes]]:
+    """Per row of `width` bytes: (positions of its non-zero bytes, those bytes), for the whole batch
+    in two C calls (positions by `compress`, levels by deleting the zeros), then cut row by row."""
+    positions = list(compress(cycle(range(width)), raw))
+    levels = raw.replace(b"\0", b"")
+    rows, start = [], 0
+    for row_start in range(0, len(raw), width):
+        stop = start + width - raw.count(0, row_start, row_start + width)
+        rows.append((positions[start:stop], levels[start:stop]))
+        start = stop
     return rows
 
 
 def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:
-    """Z[n][j] = sum_{i: X[n][i] != 0} X[n][i] * W[j][i] + b[j]"""
+    """Z[n][j] = sum_{i: X[n][i] != 0} X[n][i] * W[j][i] + b[j]
+
+    With W's columns packed (lanes.py), Z[n] is sum_i level[n][i] * packed column i: one int
+    multiply-add per lit pixel for all outputs at once.
+    """
+    largest = lanes.magnitude(W)
+    if not lanes.fits(largest):
+        return linear(X.dense(), W, b)
+    layout = lanes.Lanes(len(W), largest, LEVELS * X.width, LEVELS)
+    columns = layout.pack_columns(W)
     Z = []
-    for indices, values in X.rows:
-        if not indices:
+    for positions, levels in X.rows:
+        if not positions:
             Z.append(list(b))
             continue
-        gather = _gatherer(indices)
-        Z.append([dot(values, gather(w)) + bj for w, bj in zip(W, b)])
+        total = sum(map(mul, levels, _gatherer(positions)(columns)))
+        Z.append(list(map(operator.add, layout.unpack(total, sum(levels)), b)))
     return Z
 
 
 def sparse_weight_grad(dZ: Tensor2D, X: SparseMatrix) -> Tensor2D:
-    """dW[j][i] = sum_{n: X[n][i] != 0} dZ[n][j] * X[n][i]; columns of X that are all zero give 0."""
+    """dW[j][i] = sum_{n: X[n][i] != 0} dZ[n][j] * X[n][i]; columns of X that are all zero give 0.
+
+    With dZ's rows packed, column i of dW is sum_n level[n][i] * packed dZ[n].
+    """
     outputs = len(dZ[0]) if dZ else 0
+    largest = lanes.magnitude(dZ)
+    if not lanes.fits(largest):
+        return weight_grad(dZ, X.dense())
+    layout = lanes.Lanes(outputs, largest, LEVELS * X.height, LEVELS)
+    packed = layout.pack(dZ)
     dWT: list[Sequence[float]] = [(0.0,) * outputs] * X.width
-    for i, rows, values in X.columns:
-        touched = _gatherer(rows)(dZ)  # the rows of dZ for the examples where pixel i is lit
-        dWT[i] = [dot(values, dz) for dz in zip(*touched)]
+    for i, rows, levels in X.columns:
+        dWT[i] = layout.unpack(sum(map(mul, levels, _gatherer(rows)(packed))), sum(levels))
     return [list(row) for row in zip(*dWT)]

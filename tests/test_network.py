@@ -58,7 +58,7 @@ def test_gradient_matches_the_textbook_implementation(kernels, monkeypatch):
     sizes = [784, 16, 12, 10]
     params = network.he_init(sizes, 1)
     raw, labels = batch()
-    X = SparseMatrix(raw, 784, mnist.PIXEL_VALUES, kernels.sparse_rows)
+    X = SparseMatrix(raw, 784, kernels.sparse_rows)
     grads, loss, correct = network.loss_and_gradient(network.unflatten(params, sizes), X, labels)
     ref_loss, ref_grads = textbook.mean_loss_and_gradient(textbook.unflatten(params, sizes), textbook.decode(raw, range(len(labels))), labels)
     assert loss / len(labels) == pytest.approx(ref_loss, rel=1e-12)
@@ -75,7 +75,7 @@ def test_gradient_matches_numpy_when_available():
     sizes = [784, 32, 32, 10]
     params = network.he_init(sizes, 2)
     raw, labels = batch(60, 5)
-    grads, loss, _ = network.loss_and_gradient(network.unflatten(params, sizes), SparseMatrix(raw, 784, mnist.PIXEL_VALUES), labels)
+    grads, loss, _ = network.loss_and_gradient(network.unflatten(params, sizes), SparseMatrix(raw, 784), labels)
     X = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 784) / 255.0
     Ws, bs, k = [], [], 0
     for fi, fo in zip(sizes, sizes[1:]):

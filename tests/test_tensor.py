@@ -1,13 +1,13 @@
 """Every kernel, in both variants (tensor.py's C idioms and loops.py's plain loops for the JIT),
 against its plain definition; the broadcasting ops against element-by-element loops."""
 
+import math
 import random
 from array import array
 
 import pytest
 
-from parallel_nn import loops, tensor
-from parallel_nn.mnist import PIXEL_VALUES
+from parallel_nn import lanes, loops, tensor
 from parallel_nn.tensor import SparseMatrix
 
 
@@ -97,24 +97,60 @@ def sparse_case(rng, rows=9, width=30):
         raw[r * width + 7] = 0
         raw[r * width + 8] = 0
     raw[3 * width + 8] = 17
-    return SparseMatrix(bytes(raw), width, PIXEL_VALUES)
+    return SparseMatrix(bytes(raw), width)
 
 
 @KERNELS
 def test_sparse_views_and_kernels(rng, k):
     X = sparse_case(rng)
-    X = SparseMatrix(X.raw, X.width, PIXEL_VALUES, k.sparse_rows)
-    dense = [[b / 255.0 for b in X.raw[r * X.width : (r + 1) * X.width]] for r in range(X.height)]
+    X = SparseMatrix(X.raw, X.width, k.sparse_rows)
+    levels = [X.raw[r * X.width : (r + 1) * X.width] for r in range(X.height)]
+    dense = [[b / 255.0 for b in row] for row in levels]
     assert X.dense() == dense
-    assert [[(i, v) for i, v in zip(*row)] for row in X.rows] == [[(i, v) for i, v in enumerate(r) if v] for r in dense]
+    assert X.rows == [([i for i, v in enumerate(r) if v], bytes(v for v in r if v)) for r in levels]
+    assert X.columns == [(i, [n for n in range(X.height) if levels[n][i]], bytes(r[i] for r in levels if r[i]))
+                         for i in range(X.width) if any(r[i] for r in levels)]
     W, b = rand_matrix(4, X.width, rng), [rng.uniform(-1, 1) for _ in range(4)]
     assert close(k.sparse_linear(X, W, b), plain_matmul_bias(dense, W, b))
     dZ = rand_matrix(X.height, 4, rng)
     expected = [[sum(dZ[n][j] * dense[n][i] for n in range(X.height)) for i in range(X.width)] for j in range(4)]
     assert close(k.sparse_weight_grad(dZ, X), expected)
     with pytest.raises(ValueError):
-        SparseMatrix(b"abc", 2, PIXEL_VALUES)
+        SparseMatrix(b"abc", 2)
 
 
 def plain_matmul_bias(A, W, b):
     return [[sum(a[i] * W[j][i] for i in range(len(a))) + b[j] for j in range(len(W))] for a in A]
+
+
+def test_decoders_agree(rng):
+    raw = sparse_case(rng, rows=40, width=50).raw
+    assert loops.sparse_rows(raw, 50) == tensor.sparse_rows(raw, 50)
+    assert tensor.sparse_rows(b"", 50) == [] and tensor.sparse_rows(bytes(6), 3) == [([], b""), ([], b"")]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e6, 1e-200, 0.0])
+def test_lanes_round_trip_sums_of_weighted_vectors(rng, scale):
+    vectors = [[rng.uniform(-1, 1) * scale for _ in range(5)] for _ in range(30)]
+    vectors[3] = [scale, -scale, 0.0, scale / 3, -scale / 7]  # the largest magnitude, both signs
+    weights = [rng.randrange(256) for _ in vectors]
+    layout = lanes.Lanes(5, lanes.magnitude(vectors), 255 * len(vectors), 255)
+    got = layout.unpack(sum(w * p for w, p in zip(weights, layout.pack(vectors))), sum(weights))
+    expected = [sum(w / 255 * v[k] for w, v in zip(weights, vectors)) for k in range(5)]
+    assert max(abs(g - e) for g, e in zip(got, expected)) <= 1e-14 * max(scale, 1e-300) * sum(weights) / 255
+    assert layout.pack_columns([list(c) for c in zip(*vectors)]) == layout.pack(vectors)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e-310])
+def test_sparse_kernels_fall_back_to_floats_for_what_lanes_cannot_hold(rng, bad):
+    X = sparse_case(rng)
+    W = rand_matrix(4, X.width, rng) if bad != 1e-310 else [[1e-310] * X.width for _ in range(4)]
+    W[1][5] = bad
+    dense = X.dense()
+    expected = plain_matmul_bias(dense, W, [0.0] * 4)
+    got = tensor.sparse_linear(X, W, [0.0] * 4)
+    assert [[math.isnan(v) for v in row] for row in got] == [[math.isnan(v) for v in row] for row in expected]
+    assert all(g == e or math.isnan(e) for gr, er in zip(got, expected) for g, e in zip(gr, er))
+    dZ = [[bad if (n, j) == (3, 2) else rng.uniform(-1, 1) for j in range(4)] for n in range(X.height)]
+    got = tensor.sparse_weight_grad(dZ, X)
+    assert [[math.isnan(v) for v in row] for row in got] == [[math.isnan(v) for v in row] for row in tensor.weight_grad(dZ, dense)]
