@@ -1,7 +1,8 @@
 """The kernels the training step runs, chosen once per interpreter.
 
-CPython: tensor.py's C-level idioms (one `math.sumprod` or `map` call per inner loop). PyPy:
-loops.py's plain loops, which its JIT compiles and which it runs ~5x faster than the C idioms.
+CPython: tensor.py's C-level idioms (one `math.sumprod` or `map` call per inner loop, and the
+first layer on packed ints, lanes.py). PyPy: loops.py's plain loops, which its JIT compiles and
+which it runs ~5x faster than the C idioms.
 Both compute the same maths (tests/test_tensor.py checks each against the plain definitions, and
 the whole gradient against bench/textbook.py). `PARALLEL_NN_KERNELS=idioms|loops` overrides the
 choice, for comparing the two on one interpreter; it must be set before the first import.

@@ -2,9 +2,11 @@
 
 Two kinds of code live here. The small broadcasting ops (add, sub, mul, div, matmul) are the
 readable vocabulary of the original program. The kernels the training step runs are written
-around one fact: in CPython a loop is slow and a C-level call is fast, so every inner loop is a
-dot product done by `math.sumprod` (Python >= 3.12) or `sum(map(mul, a, b))`, and nothing is
-re-transposed or recomputed per example.
+around one fact: in CPython a loop is slow and a C-level call is fast, so every inner loop of the
+dense layers is a dot product done by `math.sumprod` (Python >= 3.12) or `sum(map(mul, a, b))`,
+and nothing is re-transposed or recomputed per example. The sparse first layer, two thirds of the
+work, goes further: its pixels are small integers, so it multiplies whole packed rows of weights
+at once (lanes.py).
 """
 
 from __future__ import annotations
