@@ -5,13 +5,11 @@
 
 Each variant patches the trainer in this process before its workers start, and `--start-method
 fork` is added so the workers inherit the patch. None of them helped (README, "The study"), so
-they are kept here as measured alternatives rather than as options of the trainer:
+they are kept here as measured alternatives rather than as options of the trainer (rotation,
+which did help, is the trainer's `--rotate`):
 
   smooth=EPS     label smoothing: train towards (1 - EPS) * one-hot + EPS / 10 (losses are still
                  reported as plain cross-entropy, so they compare with other runs)
-  rotate=DEG     after the shift, rotate each training image by a whole number of degrees in
-                 [-DEG, DEG] about its centre (nearest pixel), drawn from the image's index and
-                 its shift, so it is the same for any worker count
   clean=K        no shift in the last K epochs: finish on the images as stored
   init-gain=G    W ~ N(0, G / fan_in) (He's initialisation is G = 2; LeCun's is G = 1)
 """
@@ -19,14 +17,9 @@ they are kept here as measured alternatives rather than as options of the traine
 from __future__ import annotations
 
 import math
-import random
 import sys
-from operator import itemgetter
 
-from parallel_nn import cli, engine, kernels, mnist, network
-from parallel_nn.tensor import SparseMatrix
-
-SIDE = 28
+from parallel_nn import cli, mnist, network
 
 
 def smooth(epsilon: float) -> None:
@@ -44,47 +37,15 @@ def smooth(epsilon: float) -> None:
     network.softmax_cross_entropy = smoothed
 
 
-def rotation(degrees: int):
-    """A gather that rotates a 28x28 byte image (plus one zero byte at the end, for outside)."""
-    t = math.radians(degrees)
-    cos, sin, centre = math.cos(t), math.sin(t), (SIDE - 1) / 2
-    sources = []
-    for r in range(SIDE):
-        for c in range(SIDE):
-            x, y = c - centre, r - centre
-            sx, sy = round(cos * x + sin * y + centre), round(-sin * x + cos * y + centre)
-            sources.append(sy * SIDE + sx if 0 <= sx < SIDE and 0 <= sy < SIDE else SIDE * SIDE)
-    return itemgetter(*sources)
-
-
-def rotate(most: int) -> None:
-    decode, gathers = engine.decode_batch, {}
-
-    def rotated(images, indices, pixels=mnist.PIXELS, shifts=None):
-        X = decode(images, indices, pixels, shifts)
-        if shifts is None:  # the test set, or a step without augmentation
-            return X
-        out = []
-        for n, k in enumerate(indices):
-            image = X.raw[n * pixels : (n + 1) * pixels]
-            angle = random.Random(f"rotate/{k}/{shifts[2 * n]}/{shifts[2 * n + 1]}").randint(-most, most)
-            if angle and angle not in gathers:
-                gathers[angle] = rotation(angle)
-            out.append(bytes(gathers[angle](image + b"\0")) if angle else image)
-        return SparseMatrix(b"".join(out), pixels, kernels.sparse_rows)
-
-    engine.decode_batch = rotated
-
-
 def clean(last: int, argv: list[str]) -> None:
     epochs = cli.train_parser().parse_args(argv).epochs
-    draw = mnist.random_shifts
+    draw = mnist.random_augment
 
-    def shifts(count, most, seed):
+    def augment(count, shift, rotate, seed):
         epoch = int(seed.split("/")[-2])  # the trainer's seed string ends in /{epoch}/{step}
-        return None if epoch >= epochs - last else draw(count, most, seed)
+        return None if epoch >= epochs - last else draw(count, shift, rotate, seed)
 
-    mnist.random_shifts = shifts
+    mnist.random_augment = augment
 
 
 def init_gain(gain: float) -> None:
@@ -106,8 +67,6 @@ def main(argv: list[str]) -> int:
         name, _, value = variant.partition("=")
         if name == "smooth":
             smooth(float(value))
-        elif name == "rotate":
-            rotate(int(value))
         elif name == "clean":
             clean(int(value), trainer)
         elif name == "init-gain":

@@ -123,6 +123,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="WD", help="L2 penalty coefficient (default: %(default)s)")
     p.add_argument("--shift", type=int, choices=range(0, 5), default=1, metavar="PIXELS",
                    help="augment: move each training image by up to PIXELS (0-4) in x and y, fresh every epoch (default: %(default)s)")
+    p.add_argument("--rotate", type=int, choices=range(0, 31), default=0, metavar="DEGREES",
+                   help="augment: also turn each training image by a whole number of degrees in [-DEGREES, DEGREES] "
+                        "(0-30), fresh every epoch; the record recipe uses 10 (default: %(default)s, off)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="every random choice (init, shuffling) derives from it (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="use only the first N training examples (default: all 60000)")
     p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use only the first N test examples (default: all 10000)")

@@ -1,6 +1,6 @@
 """What every backend shares: the worker's computation, the sharding, the reduction in shard order.
 
-An engine runs one data-parallel step: `gradient(indices, shifts)` returns the *sum* over the batch
+An engine runs one data-parallel step: `gradient(indices, augment)` returns the *sum* over the batch
 of the per-example gradients (flat), the summed loss and the number correct; `evaluate()` runs
 the test set. Two engines implement it: local.py (worker processes on shared memory, the default)
 and ray_backend.py (Ray actors, possibly on many machines). Both shard the batch with `shard`, have
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from . import UserError
 from .kernels import KIND, add_into, doubles, floats
-from .mnist import decode_batch
+from .mnist import AUGMENT_BYTES, decode_batch
 from .network import backward, forward, predict, unflatten
 from .trace import Recorder
 
@@ -86,7 +86,7 @@ def reduce_sums(parts: Sequence) -> Sequence[float]:
 
 
 def shard_gradient(params: Sequence[float], sizes: Sequence[int], images, labels, indices: Sequence[int],
-                   pixels: int, shifts: Optional[bytes] = None, rec: Optional[Recorder] = None) -> tuple[array, float, int]:
+                   pixels: int, augment: Optional[bytes] = None, rec: Optional[Recorder] = None) -> tuple[array, float, int]:
     """The worker's computation: (flat sum of the shard's per-example gradients, summed loss, correct).
 
     `images` and `labels` are the raw training bytes (or views of them); nothing else is needed,
@@ -100,7 +100,7 @@ def shard_gradient(params: Sequence[float], sizes: Sequence[int], images, labels
         return flat, 0.0, 0
     layers = unflatten(params, sizes)
     with rec.span("decode"):
-        X = decode_batch(images, indices, pixels, shifts)
+        X = decode_batch(images, indices, pixels, augment)
         X.rows  # decoded here, not lazily inside the forward pass
     with rec.span("forward"):
         Zs, As = forward(layers, X)
@@ -138,12 +138,13 @@ def unpack_indices(data: bytes) -> list[int]:
     return values.tolist()
 
 
-def batch_messages(indices: Sequence[int], shifts: Optional[bytes], workers: int, everyone: bool = False) -> list:
-    """Per worker: (its packed indices, its two shift bytes per example) or None when it has nothing
+def batch_messages(indices: Sequence[int], augment: Optional[bytes], workers: int, everyone: bool = False) -> list:
+    """Per worker: (its packed indices, its augmentation bytes) or None when it has nothing
     to do (`everyone`: every worker gets a message, empty shards included)."""
     messages, start = [], 0
     for piece in shard(indices, workers):
-        part = None if shifts is None else shifts[2 * start : 2 * (start + len(piece))]
+        a = AUGMENT_BYTES
+        part = None if augment is None else augment[a * start : a * (start + len(piece))]
         messages.append((pack_indices(piece), part) if piece or everyone else None)
         start += len(piece)
     return messages

@@ -261,14 +261,14 @@ class LocalEngine:
                 self._restart()
         raise AssertionError("unreachable")
 
-    def gradient(self, indices: Sequence[int], shifts: bytes | None = None) -> tuple[list[float], float, int]:
+    def gradient(self, indices: Sequence[int], augment: bytes | None = None) -> tuple[list[float], float, int]:
         """(sum over `indices` of the per-example gradients, flat; summed loss; number correct).
 
-        `shifts`: optional augmentation, two bytes per example (mnist.decode_batch).
+        `augment`: optional augmentation, mnist.AUGMENT_BYTES per example (mnist.decode_batch).
         """
         # Every worker takes part in a workers' reduction (an empty shard contributes zeros).
         messages = [None if m is None else ("grad", *m, self.tracer.active)
-                    for m in batch_messages(indices, shifts, self.workers, everyone=self.reduce == "workers")]
+                    for m in batch_messages(indices, augment, self.workers, everyone=self.reduce == "workers")]
         replies = self._run_recovering(messages)
         with self.serial, self.tracer.span("reduce"):
             done = sorted(replies)  # a fixed order: reproducible for a given worker count

@@ -6,8 +6,10 @@ same images as Python floats would cost about 1.5 GB per process.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import math
 import random
 import struct
 import tempfile
@@ -121,16 +123,19 @@ def load(data_dir: str | Path) -> tuple[Split, Split]:
 
 
 def decode_batch(images: bytes | memoryview, indices: Sequence[int], pixels: int = PIXELS,
-                 shifts: bytes | None = None) -> SparseMatrix:
+                 augment: bytes | None = None) -> SparseMatrix:
     """The images at `indices` as a sparse matrix of floats in [0, 1], straight from the raw bytes.
 
-    `shifts`, if given, holds two bytes per image, (dx + 128, dy + 128): translate that image by dx
-    pixels right and dy pixels down (data augmentation; see shift_image).
+    `augment`, if given, holds AUGMENT_BYTES per image, (dx + 128, dy + 128, degrees + 128): translate
+    that image by dx pixels right and dy pixels down, then rotate it by `degrees` (data augmentation;
+    see shift_image, rotate_image and random_augment).
     """
-    if shifts is None:
+    if augment is None:
         raw = b"".join([images[k * pixels : (k + 1) * pixels] for k in indices])
     else:
-        raw = b"".join([shift_image(bytes(images[k * pixels : (k + 1) * pixels]), shifts[2 * n] - 128, shifts[2 * n + 1] - 128)
+        a = AUGMENT_BYTES
+        raw = b"".join([rotate_image(shift_image(bytes(images[k * pixels : (k + 1) * pixels]), augment[a * n] - 128,
+                                                 augment[a * n + 1] - 128), augment[a * n + 2] - 128)
                         for n, k in enumerate(indices)])
     return SparseMatrix(raw, pixels, sparse_rows)
 
@@ -152,10 +157,42 @@ def shift_image(image: bytes, dx: int, dy: int, side: int = 28) -> bytes:
     return b"".join(rows)
 
 
-def random_shifts(count: int, most: int, seed: str) -> bytes:
-    """(dx + 128, dy + 128) for `count` images, dx and dy uniform in [-most, most], from a string seed."""
-    rng = random.Random(seed)
-    return bytes(v + 128 for _ in range(count) for v in (rng.randint(-most, most), rng.randint(-most, most)))
+def rotate_image(image: bytes, degrees: int, side: int = 28) -> bytes:
+    """The image turned `degrees` counter-clockwise about its centre, each pixel taken from the nearest
+    source pixel (zero where that falls outside): a gather through a table made once per angle."""
+    if degrees == 0:
+        return image
+    sources, padded = _rotation(degrees, side), image + b"\0"
+    return bytes([padded[s] for s in sources])
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation(degrees: int, side: int) -> tuple[int, ...]:
+    """Per output pixel, the index of its source pixel, or side * side (the zero byte) when outside."""
+    t, centre = math.radians(degrees), (side - 1) / 2
+    cos, sin = math.cos(t), math.sin(t)
+    sources = []
+    for r in range(side):
+        for c in range(side):
+            x, y = c - centre, r - centre  # y grows downwards, so this turns the picture counter-clockwise
+            sx, sy = round(x * cos - y * sin + centre), round(x * sin + y * cos + centre)
+            sources.append(sy * side + sx if 0 <= sx < side and 0 <= sy < side else side * side)
+    return tuple(sources)
+
+
+AUGMENT_BYTES = 3  # per image: dx + 128, dy + 128, degrees + 128
+
+
+def random_augment(count: int, shift: int, rotate: int, seed: str) -> bytes:
+    """(dx + 128, dy + 128, degrees + 128) for `count` images, from a string seed: dx and dy uniform in
+    [-shift, shift], degrees in [-rotate, rotate]. The angles come from a second stream, so turning
+    rotation on leaves the shifts what they were."""
+    moves, turns = random.Random(seed), random.Random(seed + "/rotate")
+    out = bytearray()
+    for _ in range(count):
+        out += bytes((moves.randint(-shift, shift) + 128, moves.randint(-shift, shift) + 128,
+                      (turns.randint(-rotate, rotate) if rotate else 0) + 128))
+    return bytes(out)
 
 
 # ---- writing (what tests use to make tiny datasets, and what download stores) ----

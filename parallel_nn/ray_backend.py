@@ -279,10 +279,10 @@ class RayEngine:
         if len(self._actors) < self.workers:
             self._shrink_note()
 
-    def gradient(self, indices: Sequence[int], shifts: Optional[bytes] = None) -> tuple[list[float], float, int]:
+    def gradient(self, indices: Sequence[int], augment: Optional[bytes] = None) -> tuple[list[float], float, int]:
         """(sum over `indices` of the per-example gradients, flat; summed loss; number correct)."""
         def calls(actors):
-            messages = batch_messages(indices, shifts, len(actors))
+            messages = batch_messages(indices, augment, len(actors))
             self.bytes_sent += sum(len(m[0]) + len(m[1] or b"") for m in messages if m)
             return [actor.gradient.remote(self._params_ref, *m, self.tracer.active) for actor, m in zip(actors, messages) if m]
 

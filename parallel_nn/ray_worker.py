@@ -28,13 +28,13 @@ class ShardWorker:
 
         return ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid()
 
-    def gradient(self, params: bytes, packed: bytes, shifts: Optional[bytes], trace: bool = False) -> tuple:
+    def gradient(self, params: bytes, packed: bytes, augment: Optional[bytes], trace: bool = False) -> tuple:
         """(gradient sum as float64 bytes, loss, correct, spans, (start, end) of this call on our clock)."""
         rec, start = Recorder(trace), now()
         with rec.span("read weights"):
             weights = floats(params)
         flat, loss, correct = shard_gradient(weights, self.sizes, self.train_images, self.train_labels,
-                                             unpack_indices(packed), self.pixels, shifts, rec)
+                                             unpack_indices(packed), self.pixels, augment, rec)
         with rec.span("serialise"):
             out = flat.tobytes()
         return out, loss, correct, rec.spans, (start, now())

@@ -42,6 +42,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 0.0
     shift: int = 1  # augmentation: translate each training image by up to this many pixels (0: off)
+    rotate: int = 0  # augmentation: and rotate it by up to this many degrees (0: off)
     seed: int = 0
     data_dir: str = "datasets/mnist"
     limit_train: Optional[int] = None
@@ -223,13 +224,14 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
                     if stop.requested:
                         raise stop_here(epoch, step, started)
                     batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-                    shifts = None
-                    if config.shift:  # drawn per (seed, epoch, step): the same whatever the worker count
-                        shifts = mnist.random_shifts(len(batch), config.shift, f"parallel_nn/shift/{config.seed}/{epoch}/{step}")
+                    augment = None
+                    if config.shift or config.rotate:  # drawn per (seed, epoch, step): the same whatever the worker count
+                        augment = mnist.random_augment(len(batch), config.shift, config.rotate,
+                                                       f"parallel_nn/shift/{config.seed}/{epoch}/{step}")
                     tracer.active = step < config.trace_steps
                     with tracer.span("step", epoch=epoch + 1, step=step):
                         try:
-                            grad_sum, loss, correct = engine.gradient(batch, shifts)
+                            grad_sum, loss, correct = engine.gradient(batch, augment)
                         except StopRequested:
                             raise stop_here(epoch, step, started) from None
                         except WorkerCrashed:

@@ -68,11 +68,11 @@ def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
             try:
                 rec = Recorder(message[-1])
                 if message[0] == "grad":
-                    _, packed, shifts, _ = message
+                    _, packed, augment, _ = message
                     with rec.span("read weights"):
                         weights = floats(params)
                     flat, loss, correct = shard_gradient(weights, sizes, train_images, train_labels, unpack_indices(packed),
-                                                         pixels, shifts, rec)
+                                                         pixels, augment, rec)
                     with rec.span("write slot"):
                         my_slot[:] = flat
                     if barrier is not None:

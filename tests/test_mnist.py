@@ -107,7 +107,28 @@ def test_shift_image_is_a_translation():
         expected = bytes(image[(r - dy) * side + (c - dx)] if 0 <= r - dy < side and 0 <= c - dx < side else 0
                          for r in range(side) for c in range(side))
         assert out == expected, (dx, dy)
-    shifts = mnist.random_shifts(3, 2, "seed")
-    assert len(shifts) == 6 and all(126 <= b <= 130 for b in shifts) and shifts == mnist.random_shifts(3, 2, "seed")
-    X = mnist.decode_batch(image + image, [1, 0], shifts=bytes([129, 128, 128, 128]))
+    augment = mnist.random_augment(3, 2, 0, "seed")
+    assert len(augment) == 9 and all(126 <= b <= 130 for b in augment) and augment == mnist.random_augment(3, 2, 0, "seed")
+    assert augment[2::3] == bytes([128] * 3)  # no rotation
+    X = mnist.decode_batch(image + image, [1, 0], augment=bytes([129, 128, 128, 128, 128, 128]))
     assert X.raw == mnist.shift_image(image, 1, 0) + image
+
+
+def test_rotate_image_turns_about_the_centre():
+    side = 28
+    image = bytes((r * side + c) % 251 + 1 for r in range(side) for c in range(side))
+    assert mnist.rotate_image(image, 0) == image
+    # a quarter turn counter-clockwise maps the grid onto itself: out[r][c] = in[c][side - 1 - r]
+    assert mnist.rotate_image(image, 90) == bytes(image[c * side + side - 1 - r] for r in range(side) for c in range(side))
+    dot = bytearray(side * side)
+    dot[13 * side + 22] = 255  # right of the centre; a small turn counter-clockwise lifts it
+    turned = mnist.rotate_image(bytes(dot), 10)
+    lit = [i for i, v in enumerate(turned) if v]  # nearest-pixel sampling may copy a pixel twice
+    assert lit and all(i // side < 13 and i % side >= 20 for i in lit)
+    blank_corners = mnist.rotate_image(bytes([255] * side * side), 30)
+    assert blank_corners[0] == 0 and blank_corners[side * side // 2 + side // 2] == 255  # outside is zero
+    augment = mnist.random_augment(200, 1, 10, "seed")
+    assert augment[0::3] + augment[1::3] == mnist.random_augment(200, 1, 0, "seed")[0::3] + mnist.random_augment(200, 1, 0, "seed")[1::3]
+    assert min(augment[2::3]) == 118 and max(augment[2::3]) == 138  # angles in [-10, 10], both ends drawn
+    X = mnist.decode_batch(image, [0], augment=bytes([129, 128, 133]))
+    assert X.raw == mnist.rotate_image(mnist.shift_image(image, 1, 0), 5)

@@ -233,7 +233,7 @@ if __name__ == "__main__":
 
 def test_augmented_steps_are_the_same_for_any_worker_count(tiny_splits):
     train_set, test_set = tiny_splits
-    shifts = mnist.random_shifts(250, 2, "x")
+    shifts = mnist.random_augment(250, 2, 10, "x")
     grads = []
     for workers in (1, 3):
         with Engine(SIZES, train_set, test_set, workers, "fork") as engine:

@@ -132,7 +132,7 @@ def test_resuming_a_finished_run_says_so(finished_run):
 
 
 @pytest.mark.parametrize("args", [["--momentum", "1.5"], ["--momentum", "1"], ["--momentum", "-0.1"], ["--weight-decay", "nan"],
-                                  ["--lr", "inf"], ["--shift", "9"], ["--limit-train", "0"], ["--epochs", "-1"]])
+                                  ["--lr", "inf"], ["--shift", "9"], ["--rotate", "31"], ["--limit-train", "0"], ["--epochs", "-1"]])
 def test_numeric_flags_out_of_range_are_usage_errors(args):
     done = cli(*args)
     assert done.returncode == 2 and "error:" in done.stderr

@@ -82,18 +82,19 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(tiny_data, tmp_path):
     assert [m["test_loss"] for m in resumed] == [m["test_loss"] for m in straight]
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path, workers):
+@pytest.mark.parametrize("workers, rotate", [(1, 0), (3, 10)])
+def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path, workers, rotate):
     from parallel_nn.train import Interrupted
 
-    train(config(tiny_data, tmp_path / "straight", epochs=2, workers=workers))
+    train(config(tiny_data, tmp_path / "straight", epochs=2, workers=workers, rotate=rotate))
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["rotate"] == rotate
 
     def interrupt_at(epoch, step):
         if (epoch, step) == (1, 5):
             os.kill(os.getpid(), __import__("signal").SIGINT)  # what Ctrl-C does: a flag, checked before the next step
 
     with pytest.raises(Interrupted):
-        train(config(tiny_data, tmp_path / "cut", epochs=2, workers=workers), on_step=interrupt_at)
+        train(config(tiny_data, tmp_path / "cut", epochs=2, workers=workers, rotate=rotate), on_step=interrupt_at)
     _, checkpoint = load_checkpoint(tmp_path / "cut" / "checkpoint.json")
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 5)
     train(config(tiny_data, None, epochs=2, workers=workers), resume=str(tmp_path / "cut"))
