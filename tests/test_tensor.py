@@ -150,7 +150,8 @@ def test_sparse_kernels_fall_back_to_floats_for_what_lanes_cannot_hold(rng, bad)
     expected = plain_matmul_bias(dense, W, [0.0] * 4)
     got = tensor.sparse_linear(X, W, [0.0] * 4)
     assert [[math.isnan(v) for v in row] for row in got] == [[math.isnan(v) for v in row] for row in expected]
-    assert all(g == e or math.isnan(e) for gr, er in zip(got, expected) for g, e in zip(gr, er))
+    # the same infinities; finite values as the float kernels give them (3.12+'s sumprod rounds unlike sum)
+    assert all(g == e or math.isnan(e) or abs(g - e) <= 1e-12 * abs(e) for gr, er in zip(got, expected) for g, e in zip(gr, er))
     dZ = [[bad if (n, j) == (3, 2) else rng.uniform(-1, 1) for j in range(4)] for n in range(X.height)]
     got = tensor.sparse_weight_grad(dZ, X)
     assert [[math.isnan(v) for v in row] for row in got] == [[math.isnan(v) for v in row] for row in tensor.weight_grad(dZ, dense)]
