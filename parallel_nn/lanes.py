@@ -7,19 +7,18 @@ pixel is a byte b (its value is b / 255), and Python ints have arbitrary size wi
 done in C over machine words. So we pack a whole vector into one int, each entry a fixed-point
 number in its own field of `width` bytes (a "lane"):
 
-    packed(v) = sum_k (int(v[k] * 2**F) + BIAS) << (8 * width * k)
+    packed(v) = sum_k (BIAS + round(v[k] * 2**F)) << (8 * width * k)
 
 Then b * packed(v) multiplies every lane by b, and adding packed ints adds lane by lane, carries
 never crossing a lane boundary because each lane is wide enough for the largest sum. One int
 multiply-add does all 32 outputs' multiply-adds: ~30 ns for what cost 32 x ~20 ns as floats.
 
-BIAS = 2**62 keeps every lane non-negative (the fixed-point values lie in (-2**62, 2**62)), so
-reading a lane is `int.from_bytes`; the lane's sum of biases, BIAS * (sum of the b), is
-subtracted on the way out. F is chosen per packing from the largest magnitude, which gets 62
-bits: each entry is exact to 2**-61 of the largest, far below float64's own rounding in a
-150-term sum. Results match the float computation to ~1e-16 of the largest (tests check 1e-12
-against the plain definitions and the textbook). Integer addition is exact and associative, so
-a result does not depend on the order examples are added in.
+BIAS (about 2**62) keeps every lane non-negative, so reading a lane is `int.from_bytes`; the
+lane's sum of biases, BIAS * (sum of the b), is subtracted on the way out. F is chosen per packing
+so the largest magnitude gets 51 bits: each entry is exact to 2**-52 of the largest, like float64
+itself, and a 150-term sum stays within ~1e-15 of the float computation's (tests check 1e-12
+against the plain definitions and the textbook). Integer addition is exact and associative, so a
+result does not depend on the order examples are added in.
 """
 
 from __future__ import annotations
@@ -30,8 +29,13 @@ from itertools import repeat
 from operator import add, mul
 from typing import Iterable, Sequence
 
-BIAS_BITS = 62
-BIAS = 1 << BIAS_BITS
+# x + ROUNDER, for |x| < 2**51, lies in [2**52, 2**53], where doubles are the integers: the sum is
+# x rounded to the nearest integer, and its IEEE-754 bits, read as an unsigned integer, are
+# BIAS + round(x). So packing x + ROUNDER with struct's "d" converts to fixed point in C, with no
+# int object per value. (At 2**53 the exponent steps up and the bits still count on by one.)
+FIXED_BITS = 51
+ROUNDER = 1.5 * 2.0**52
+BIAS = int.from_bytes(struct.pack("<d", ROUNDER), "little")  # (1075 << 52) + 2**51, about 2**62.07
 
 
 class Lanes:
@@ -39,28 +43,30 @@ class Lanes:
     of packed ints with small non-negative integer weights adding up to at most `weight_limit`."""
 
     def __init__(self, count: int, magnitude: float, weight_limit: int, divisor: float = 1.0):
-        # magnitude < 2**exponent, so int(v * 2**F) < 2**62 for every |v| <= magnitude
+        # magnitude < 2**exponent, so |v * 2**F| < 2**51 for every |v| <= magnitude
         exponent = math.frexp(magnitude)[1] if magnitude > 0 else 0
-        self.fraction_bits = BIAS_BITS - exponent
-        # a lane holds sum(weight * (q + BIAS)) < weight_limit * 2**63
-        self.width = (BIAS_BITS + 1 + max(1, weight_limit).bit_length() + 7) // 8
+        self.fraction_bits = FIXED_BITS - exponent
+        # a lane holds sum(weight * (BIAS + q)) < weight_limit * 2**63
+        self.width = (63 + max(1, weight_limit).bit_length() + 7) // 8
         self.count = count
         self.scale = math.ldexp(1.0, self.fraction_bits)
         # reading a lane gives divisor * 2**F * (the float sum): undo both in one division
         self.denominator = divisor * self.scale
-        self._struct = struct.Struct("<" + f"Q{self.width - 8}x" * count)  # q + BIAS fits a 'Q'
+        self._struct = struct.Struct("<" + f"d{self.width - 8}x" * count)
         self._starts = range(0, count * self.width, self.width)
+
+    def _fixed(self, values: Iterable[float]) -> Iterable[float]:
+        """v * 2**F + ROUNDER for each value: what struct packs as BIAS + round(v * 2**F)."""
+        return map(add, map(mul, values, repeat(self.scale)), repeat(ROUNDER))
 
     def pack(self, vectors: Iterable[Sequence[float]]) -> list[int]:
         """One int per vector of `count` floats."""
-        pack, scale, frm = self._struct.pack, self.scale, int.from_bytes
-        return [frm(pack(*map(add, map(int, map(mul, v, repeat(scale))), repeat(BIAS))), "little")
-                for v in vectors]
+        pack, frm = self._struct.pack, int.from_bytes
+        return [frm(pack(*self._fixed(v)), "little") for v in vectors]
 
     def pack_columns(self, M: Sequence[Sequence[float]]) -> list[int]:
         """One int per column of M (M has `count` rows): what pack(zip(*M)) gives, converting row by row."""
-        scale = self.scale
-        fixed = [list(map(add, map(int, map(mul, row, repeat(scale))), repeat(BIAS))) for row in M]
+        fixed = [list(self._fixed(row)) for row in M]
         pack, frm = self._struct.pack, int.from_bytes
         return [frm(pack(*column), "little") for column in zip(*fixed)]
 

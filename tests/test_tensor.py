@@ -3,6 +3,7 @@ against its plain definition; the broadcasting ops against element-by-element lo
 
 import math
 import random
+import struct
 from array import array
 
 import pytest
@@ -155,3 +156,11 @@ def test_sparse_kernels_fall_back_to_floats_for_what_lanes_cannot_hold(rng, bad)
     dZ = [[bad if (n, j) == (3, 2) else rng.uniform(-1, 1) for j in range(4)] for n in range(X.height)]
     got = tensor.sparse_weight_grad(dZ, X)
     assert [[math.isnan(v) for v in row] for row in got] == [[math.isnan(v) for v in row] for row in tensor.weight_grad(dZ, dense)]
+
+
+def test_the_rounder_turns_floats_into_biased_integers(rng):
+    """x + ROUNDER packed as a double reads back as BIAS + round(x), for every |x| < 2**51."""
+    edges = [0.0, 0.5, 1.5, -0.5, -2.5, 2.0**51 - 0.25, -(2.0**51) + 0.25, 2.0**50 + 0.5]
+    for x in edges + [rng.uniform(-(2.0**51), 2.0**51) for _ in range(1000)]:
+        bits = int.from_bytes(struct.pack("<d", x + lanes.ROUNDER), "little")
+        assert bits == lanes.BIAS + round(x), x
