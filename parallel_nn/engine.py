@@ -141,9 +141,8 @@ def unpack_indices(data: bytes) -> list[int]:
 def batch_messages(indices: Sequence[int], augment: Optional[bytes], workers: int, everyone: bool = False) -> list:
     """Per worker: (its packed indices, its augmentation bytes) or None when it has nothing
     to do (`everyone`: every worker gets a message, empty shards included)."""
-    messages, start = [], 0
+    messages, start, a = [], 0, AUGMENT_BYTES
     for piece in shard(indices, workers):
-        a = AUGMENT_BYTES
         part = None if augment is None else augment[a * start : a * (start + len(piece))]
         messages.append((pack_indices(piece), part) if piece or everyone else None)
         start += len(piece)

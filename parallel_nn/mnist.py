@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from . import UserError, atomic
 from .kernels import sparse_rows
-from .tensor import PIXEL_VALUES, SparseMatrix  # noqa: F401 (PIXEL_VALUES: a pixel's value, by level)
+from .tensor import SparseMatrix
 
 PIXELS = 28 * 28
 CLASSES = 10

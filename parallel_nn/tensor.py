@@ -197,7 +197,7 @@ class SparseMatrix:
         if self._columns is None:
             w = self.width
             transposed = b"".join([self.raw[i::w] for i in range(w)])  # strided slices: one C call per column
-            columns = self._decode_rows(transposed, self.height) if self.height else [([], b"")] * w
+            columns = self._decode_rows(transposed, self.height) if self.height else []  # no rows: no columns
             self._columns = [(i, rows, levels) for i, (rows, levels) in enumerate(columns) if rows]
         return self._columns
 
