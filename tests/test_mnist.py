@@ -132,3 +132,144 @@ def test_rotate_image_turns_about_the_centre():
     assert min(augment[2::3]) == 118 and max(augment[2::3]) == 138  # angles in [-10, 10], both ends drawn
     X = mnist.decode_batch(image, [0], augment=bytes([129, 128, 133]))
     assert X.raw == mnist.rotate_image(mnist.shift_image(image, 1, 0), 5)
+
+
+# ---- corrupt, truncated and oversized files ----
+
+
+def garble(path, start=20, stop=60):
+    """Overwrite bytes start..stop of a file, as a disk or a bad download might."""
+    data = bytearray(path.read_bytes())
+    data[start:stop] = b"\xff" * (stop - start)
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_gzip_is_one_line_naming_the_file(tmp_path):
+    mnist.write_split(tmp_path, "t10k", synthetic_split(300, 1))
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    garble(path)
+    with pytest.raises(UserError) as error:
+        mnist.load_split(tmp_path, "t10k")
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "corrupt gzip data" in message and "\n" not in message
+    assert "delete it and run `make datasets`" in message
+    mnist.write_split(tmp_path, "t10k", synthetic_split(300, 1))
+    path.write_bytes(path.read_bytes()[:-12])  # cut short, as an interrupted download would
+    with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte.gz: cannot read it: truncated gzip data .*; delete it and run"):
+        mnist.load_split(tmp_path, "t10k")
+
+
+def fetch_from(contents, calls):
+    def fetch(name, workdir):
+        calls.append(name)
+        return contents[name]
+    return fetch
+
+
+@pytest.mark.parametrize("damage", ["garbled", "truncated", "wrong content", "not gzip"])
+def test_download_refetches_a_bad_gz(tmp_path, fake_sums, damage):
+    calls, lines = [], []
+    mnist.download(tmp_path, lines.append, [("good", fetch_from(fake_sums, calls))])
+    name = "t10k-labels-idx1-ubyte"
+    path = tmp_path / f"{name}.gz"
+    if damage == "garbled":
+        garble(path, 12, 30)  # inside the deflate stream: "Error -3 while decompressing data"
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-12])
+    elif damage == "wrong content":
+        path.write_bytes(gzip.compress(b"something else"))
+    else:
+        path.write_bytes(b"not gzip at all")
+    calls.clear()
+    mnist.download(tmp_path, lines.append, [("good", fetch_from(fake_sums, calls))])
+    assert calls == [name]
+    assert gzip.decompress(path.read_bytes()) == fake_sums[name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.gz" for n in fake_sums)  # no temporary left
+
+
+def test_download_with_both_gz_and_unzipped_files(tmp_path, fake_sums):
+    calls, lines = [], []
+    fetch = fetch_from(fake_sums, calls)
+    mnist.download(tmp_path, lines.append, [("good", fetch)])
+    # a bad .gz next to a good unzipped copy: the .gz (which the loader prefers) is rebuilt from it, no fetch
+    name = "train-images-idx3-ubyte"
+    garble(tmp_path / f"{name}.gz", 10, 30)
+    (tmp_path / name).write_bytes(fake_sums[name])
+    calls.clear()
+    mnist.download(tmp_path, lines.append, [("good", fetch)])
+    assert calls == [] and gzip.decompress((tmp_path / f"{name}.gz").read_bytes()) == fake_sums[name]
+    # a bad unzipped file alone is fetched again, as .gz, which the loader then reads instead
+    name = "train-labels-idx1-ubyte"
+    (tmp_path / f"{name}.gz").unlink()
+    (tmp_path / name).write_bytes(b"junk")
+    mnist.download(tmp_path, lines.append, [("good", fetch)])
+    assert calls == [name] and gzip.decompress((tmp_path / f"{name}.gz").read_bytes()) == fake_sums[name]
+    calls.clear()
+    mnist.download(tmp_path, lines.append, [("good", fetch)])
+    assert calls == [] and "present and verified" in lines[-1]
+
+
+BOMB_PROBE = """
+import resource, sys
+from parallel_nn import UserError, mnist
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    mnist.load_split(sys.argv[1], "train")
+except UserError as e:
+    print(str(e))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_oversized_file_is_refused_without_reading_it_whole(tmp_path, zipped):
+    """A file holding far more than its header declares (a gzip bomb, or junk after the images) is
+    refused after reading at most what the header declares, so memory stays small."""
+    import subprocess
+    import sys
+    import zlib
+    from pathlib import Path
+
+    mnist.write_split(tmp_path, "train", synthetic_split(100, 0))
+    head = mnist.idx_bytes([100, 28, 28], bytes(100 * 784))
+    extra = 200 << 20
+    path = tmp_path / "train-images-idx3-ubyte"
+    if zipped:
+        def member(data):
+            z = zlib.compressobj(9, zlib.DEFLATED, 31)
+            return z.compress(data) + z.flush()
+        zeros = member(bytes(8 << 20))  # 8 MiB of zeros in ~8 kB; gzip members may be concatenated
+        path = path.with_suffix(".gz")
+        path.write_bytes(member(head) + zeros * (extra // (8 << 20)))
+        assert path.stat().st_size < 1 << 20
+    else:
+        (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + extra)  # sparse: cheap to make
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         cwd=root, timeout=120)
+    message, grown_mb = out.stdout.strip().splitlines()
+    assert int(grown_mb) < 40, out  # it was ~390 MB when the whole file was read before checking
+    assert message.startswith(f"{path}: ") and "more bytes than its header declares" in message, out
+    assert "\n" not in message and mnist.FIX in message
+
+
+@pytest.mark.parametrize("prefix, name, data, words", [
+    ("train", "train-images-idx3-ubyte", mnist.idx_bytes([0, 28, 28], b""), "no images"),
+    ("train", "train-labels-idx1-ubyte", mnist.idx_bytes([0], b""), "0 labels"),
+    ("t10k", "t10k-images-idx3-ubyte", mnist.idx_bytes([0, 28, 28], b""), "no images"),
+    ("train", "train-images-idx3-ubyte", mnist.idx_bytes([10, 1, 784], bytes(10 * 784)), "1x784"),
+    ("train", "train-images-idx3-ubyte", mnist.idx_bytes([10, 784, 1], bytes(10 * 784)), "784x1"),
+    ("train", "train-images-idx3-ubyte", mnist.idx_bytes([10 ** 7, 28, 28], bytes(100)), "10000000 images"),
+    ("train", "train-labels-idx1-ubyte", mnist.idx_bytes([10 ** 9], bytes(100)), "1000000000 labels"),
+], ids=["empty-train", "empty-train-labels", "empty-test", "1x784", "784x1", "huge-count", "huge-label-count"])
+def test_empty_wrong_shape_and_implausible_headers(tmp_path, prefix, name, data, words):
+    mnist.write_split(tmp_path, prefix, synthetic_split(10, 0))
+    (tmp_path / f"{name}.gz").write_bytes(gzip.compress(data))
+    with pytest.raises(UserError) as error:
+        mnist.load_split(tmp_path, prefix)
+    message = str(error.value)
+    assert words in message and f"{name}.gz" in message and "\n" not in message, message
+    assert mnist.FIX in message, message
