@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import UserError
+from . import UserError, faults
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -25,13 +25,17 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a result file should read like any other
+        faults.point(f"write {path.name} before rename")
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or a second Ctrl-C mid-write: never leave the temporary file
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise UserError(f"cannot write {path}: {e.strerror or e} (the previous version, if any, is unchanged)") from e
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e} (the previous version, if any, is unchanged)") from e
+        raise
+    faults.point(f"write {path.name} after rename")
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:

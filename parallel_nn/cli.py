@@ -19,7 +19,9 @@ from . import UserError
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
 from .engine import BACKENDS
 from .local import REDUCERS, START_METHODS
+from .progress import write
 from .rundir import run_files
+from .train import RUNS_ANYWHERE
 
 COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot")
 DEFAULT_DATA = "datasets/mnist"
@@ -104,6 +106,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write a timeline of the parent and every worker (Chrome trace events: open it in Perfetto "
                         "or chrome://tracing; `plot RUN_DIR` draws it) (default: off)")
+    p.add_argument("--worker-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="a worker that does not answer within SECONDS is treated as dead: killed, replaced and the "
+                        "step redone (default: 20x the slowest answer so far, at least 60 s)")
     p.add_argument("--trace-steps", type=positive_int, default=30, metavar="N",
                    help="steps traced at the start of each epoch, with --trace; evaluations are always traced (default: %(default)s)")
     p.add_argument("--reduce", choices=REDUCERS, default="parent",
@@ -186,13 +191,15 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
             parser.error("--reduce workers is a shared-memory reduction of the local backend; on Ray the driver reduces")
         if args.resume:
             # A resumed run computes what the saved one would have: only how it runs may change.
-            may_change = {"resume", "workers", "epochs", "start_method", "reduce", "quiet", "debug", "backend", "ray_address",
-                          "overwrite", "trace", "trace_steps"}
+            may_change = {"resume", "epochs", "debug", "overwrite", *RUNS_ANYWHERE}
             changed = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
                        if dest not in may_change and value != parser.get_default(dest)]
             if changed:
+                allowed = ", ".join(f"--{key.replace('_', '-')}" for key in ("epochs", *RUNS_ANYWHERE))
                 parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "
-                             "(allowed: --workers, --epochs, --start-method, --reduce, --backend, --ray-address, --trace, --trace-steps, --quiet)")
+                             f"(allowed: {allowed})")
+            # what was not given keeps the saved run's value (train.SAVED_ON_RESUME)
+            args.given = {key for key in RUNS_ANYWHERE if getattr(args, key) != parser.get_default(key)}
     return command, args
 
 
@@ -201,10 +208,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     known = {f.name for f in fields(Config)}
     config = Config(**{k: v for k, v in vars(args).items() if k in known})
-    if args.resume:
-        config.workers = args.workers or default_workers()
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite)
+        train(config, resume=args.resume, overwrite=args.overwrite, given=getattr(args, "given", None))
     except Interrupted:
         return 130
     return 0
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        write(sys.stderr, "interrupted\n")
         return 130
     except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -272,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+            if getattr(e, "details", None):  # a worker's own traceback
+                write(sys.stderr, e.details)
+        write(sys.stderr, f"error: {e}\n")
         return 1
     except Exception as e:  # an unexpected failure still gets one line; --debug shows where
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+            write(sys.stderr, f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)\n")
         return 1

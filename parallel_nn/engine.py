@@ -44,8 +44,41 @@ class SerialTimer:
         self.cpu += time.thread_time() - self._cpu
 
 
+class Watchdog:
+    """How long the parent waits for a worker's answer before it treats the worker as dead.
+
+    A stopped (SIGSTOP), deadlocked or swapped-out worker never answers, and waiting for it would
+    hang the run for ever. The limit is either fixed (`--worker-timeout`) or scaled from what was
+    measured: `factor` times the slowest answer seen so far for the same kind of work (a step and
+    an evaluation differ a hundredfold), never below `floor` (the first step includes the JIT's
+    warm-up and, under spawn, the workers' imports).
+    """
+
+    def __init__(self, fixed: Optional[float] = None, floor: float = 60.0, factor: float = 20.0):
+        self.fixed, self.floor, self.factor = fixed, floor, factor
+        self.slowest: dict[str, float] = {}
+
+    def limit(self, kind: str) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        return max(self.floor, self.factor * self.slowest.get(kind, 0.0))
+
+    def answered(self, kind: str, seconds: float) -> None:
+        self.slowest[kind] = max(seconds, self.slowest.get(kind, 0.0))
+
+
 class WorkerDied(Exception):
     """A worker (process or actor) went away before answering."""
+
+
+class WorkerError(UserError):
+    """A worker's computation raised (a MemoryError, a bug): one line for the user, and the
+    worker's whole traceback kept for --debug. The trainer saves a checkpoint before stopping."""
+
+    def __init__(self, k: int, details: str):
+        last = details.strip().splitlines()[-1] if details.strip() else "no details"
+        super().__init__(f"worker {k} failed: {last}")
+        self.details = details
 
 
 class StopRequested(Exception):

@@ -34,7 +34,9 @@ from array import array
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from .engine import SerialTimer, StopRequested, WorkerCrashed, WorkerDied, batch_messages, eval_ranges, reduce_sums
+from . import faults
+from .engine import (SerialTimer, StopRequested, Watchdog, WorkerCrashed, WorkerDied, WorkerError, batch_messages,
+                     eval_ranges, reduce_sums)
 from .kernels import floats
 from .mnist import Split
 from .network import parameter_count
@@ -69,6 +71,7 @@ class LocalEngine:
         self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's stop flag, once it has one
         self.tracer = NoTracer()  # the trainer's, with --trace
         self.serial = SerialTimer()  # the trainer adds its update to it too
+        self.watchdog = Watchdog()  # how long a worker may take to answer (the trainer's --worker-timeout)
         self._segments: dict[str, Segment] = {}
         self._procs: list = []
         self._conns: list = []
@@ -204,9 +207,10 @@ class LocalEngine:
     def set_params(self, params: Sequence[float]) -> None:
         self._params[:] = array("d", params)
 
-    def _run(self, messages: list) -> dict[int, tuple]:
-        """Send each worker its message (None: nothing to do); collect the replies, watching for deaths."""
-        pending = {}
+    def _run(self, messages: list, kind: str) -> dict[int, tuple]:
+        """Send each worker its message (None: nothing to do); collect the replies, watching for
+        deaths and for workers that stop answering (the watchdog's limit for this kind of work)."""
+        pending, sent = {}, time.perf_counter()
         with self.serial, self.tracer.span("dispatch"):
             for k, message in enumerate(messages):
                 if message is not None:
@@ -217,10 +221,14 @@ class LocalEngine:
                         raise WorkerDied(f"worker {k} is gone")
                     pending[k] = self._procs[k].sentinel
                     self.bytes_sent += len(payload)
-        replies = {}
+        faults.point("dispatch" if kind == "grad" else "evaluate")
+        replies, deadline = {}, sent + self.watchdog.limit(kind)
         with self.tracer.span("wait"):
             while pending:
-                ready = set(wait([self._conns[k] for k in pending] + list(pending.values())))
+                ready = set(wait([self._conns[k] for k in pending] + list(pending.values()),
+                                 max(0.0, deadline - time.perf_counter())))
+                if not ready:
+                    raise self._unresponsive(sorted(pending), deadline - sent)
                 for k in list(pending):
                     conn = self._conns[k]
                     if conn in ready:
@@ -231,15 +239,26 @@ class LocalEngine:
                         self.bytes_received += len(payload)
                         reply = pickle.loads(payload)
                         if reply[0] == "error":
-                            raise RuntimeError(f"worker {k} failed:\n{reply[1]}")
+                            raise WorkerError(k, reply[1])
                         replies[k] = reply
                         del pending[k]
+                        self.watchdog.answered(kind, time.perf_counter() - sent)
                     elif pending[k] in ready:
                         raise self._death(k)
+                if kind == "grad" and len(replies) == 1:
+                    faults.point("wait")
         for k in sorted(replies):
             if replies[k][-1]:  # the worker's spans, on this machine's clock
                 self.tracer.worker(k, f"worker {k}", replies[k][-1])
         return replies
+
+    def _unresponsive(self, silent: list[int], waited: float) -> WorkerDied:
+        """Workers that did not answer in time are as good as dead (stopped, deadlocked, swapped
+        out): kill them now (SIGKILL reaches a stopped process too), and let the step be redone."""
+        for k in silent:
+            self._procs[k].kill()
+        names = ", ".join(f"{k} (pid {self._procs[k].pid})" for k in silent)
+        return WorkerDied(f"worker {names} did not answer within {waited:.0f} s (--worker-timeout); killed it")
 
     def _death(self, k: int) -> WorkerDied:
         proc = self._procs[k]
@@ -248,10 +267,10 @@ class LocalEngine:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return WorkerDied(f"worker {k} (pid {proc.pid}) died: {how}")
 
-    def _run_recovering(self, messages: list) -> dict[int, tuple]:
+    def _run_recovering(self, messages: list, kind: str) -> dict[int, tuple]:
         for attempt in range(MAX_RESTARTS + 1):
             try:
-                return self._run(messages)
+                return self._run(messages, kind)
             except WorkerDied as e:
                 if self.stop_requested():  # stopping: the group's SIGTERM or SIGHUP reached the workers too
                     raise StopRequested(str(e)) from e
@@ -269,7 +288,8 @@ class LocalEngine:
         # Every worker takes part in a workers' reduction (an empty shard contributes zeros).
         messages = [None if m is None else ("grad", *m, self.tracer.active)
                     for m in batch_messages(indices, augment, self.workers, everyone=self.reduce == "workers")]
-        replies = self._run_recovering(messages)
+        replies = self._run_recovering(messages, "grad")
+        faults.point("reduce")
         with self.serial, self.tracer.span("reduce"):
             done = sorted(replies)  # a fixed order: reproducible for a given worker count
             if self.reduce == "workers":
@@ -285,7 +305,7 @@ class LocalEngine:
         if params is not None:
             self.set_params(params)
         replies = self._run_recovering([None if r is None else ("eval", *r, self.tracer.active)
-                                        for r in eval_ranges(self.test_count, self.workers)])
+                                        for r in eval_ranges(self.test_count, self.workers)], "eval")
         loss, predictions = 0.0, []
         for k in sorted(replies):
             loss += replies[k][1]

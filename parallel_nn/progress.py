@@ -11,6 +11,24 @@ from typing import Optional
 import psutil
 
 
+def write(stream, text: str) -> bool:
+    """Write and flush `text`; an output that has gone away (a closed terminal: EIO; a closed pipe:
+    EPIPE) never ends a run. Its descriptor is pointed at /dev/null so that later writes, and
+    Python's own flush at exit, succeed quietly. Returns whether the text was written."""
+    try:
+        stream.write(text)
+        stream.flush()
+        return True
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        return False
+
+
 class Progress:
     """A live line on a terminal (stderr); nothing between epochs otherwise; silent with --quiet."""
 
@@ -26,13 +44,15 @@ class Progress:
         self.last = now
         rate = seen / seconds if seconds > 0 else 0.0
         eta = (total - done) * seconds / max(1, done)
-        sys.stderr.write(f"\repoch {epoch}/{epochs} [{done:>4}/{total}] {rate:7,.0f} ex/s  loss {loss:.4f}  ETA {eta:4.0f}s ")
-        sys.stderr.flush()
+        self._live(f"\repoch {epoch}/{epochs} [{done:>4}/{total}] {rate:7,.0f} ex/s  loss {loss:.4f}  ETA {eta:4.0f}s ")
+
+    def _live(self, text: str) -> None:
+        if not write(sys.stderr, text):
+            self.live = False  # the terminal is gone
 
     def clear(self) -> None:
         if self.live:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+            self._live("\r\033[K")
 
     def epoch(self, m: dict, epochs: int) -> None:
         self.say(f"epoch {m['epoch']:>2}/{epochs}  train loss {m['train_loss']:.4f} acc {100 * m['train_accuracy']:.2f}%  "
@@ -40,9 +60,18 @@ class Progress:
                  f"{m['examples_per_second']:,.0f} ex/s  serial {m['serial_ms_per_step']:.1f} ms/step  rss {m['peak_rss_mb']:.0f} MB")
 
     def say(self, message: str) -> None:
+        """A line on stdout (what the run reports), unless --quiet."""
         if not self.quiet:
             self.clear()
-            print(message, flush=True)
+            write(sys.stdout, message + "\n")
+
+    def note(self, message: str) -> None:
+        """A line on stderr that --quiet does not hide."""
+        self.clear()
+        write(sys.stderr, message + "\n")
+
+    def warn(self, message: str) -> None:
+        self.note(f"warning: {message}")
 
 
 def tree_rss_mb(pids: list[int]) -> float:

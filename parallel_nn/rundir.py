@@ -71,6 +71,16 @@ class RunLock:
             os.close(self._fd)  # closing the only descriptor releases the lock
             self._fd = None
 
+    def discard(self, remove_directory: bool = False) -> None:
+        """A start that failed: take the lock file away while still holding it (and the directory,
+        if it was made for this run and is now empty), so nothing of the attempt is left."""
+        try:
+            self.path.unlink()
+            if remove_directory:
+                self.path.parent.rmdir()
+        except OSError:
+            pass
+
 
 def holder(run_dir: str | Path) -> Optional[int]:
     """The pid of the trainer holding run_dir, or None if no process holds it."""

@@ -11,6 +11,7 @@ import signal
 import traceback
 from array import array
 
+from . import faults
 from .engine import reduce_sums, shard, shard_gradient, shard_predictions, unpack_indices
 from .kernels import floats
 from .network import parameter_count
@@ -69,6 +70,7 @@ def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
                 rec = Recorder(message[-1])
                 if message[0] == "grad":
                     _, packed, augment, _ = message
+                    faults.point("compute")
                     with rec.span("read weights"):
                         weights = floats(params)
                     flat, loss, correct = shard_gradient(weights, sizes, train_images, train_labels, unpack_indices(packed),
@@ -83,6 +85,7 @@ def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
                     conn.send(("ok", loss, correct, rec.spans))
                 else:
                     _, start, stop, _ = message
+                    faults.point("worker evaluate")
                     with rec.span("evaluate"):
                         result = shard_predictions(floats(params), sizes, test_images, test_labels, start, stop, pixels)
                     conn.send(("ok", *result, rec.spans))
