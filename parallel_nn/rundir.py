@@ -98,6 +98,17 @@ def holder(run_dir: str | Path) -> Optional[int]:
         os.close(fd)
 
 
+def remove_leftovers(run_dir: str | Path) -> None:
+    """The temporary files (atomic.py) a trainer killed mid-write left: the caller holds the lock,
+    so no writer is alive that could still rename one into place."""
+    for name in RUN_FILES:
+        for leftover in Path(run_dir).glob(f".{name}.*.tmp"):
+            try:
+                leftover.unlink()
+            except FileNotFoundError:
+                pass
+
+
 def clear(run_dir: str | Path) -> None:
     """--overwrite: remove the old run's files (the caller holds the lock)."""
     for name in RUN_FILES:

@@ -184,16 +184,19 @@ def claimed(run_dir: Optional[str], resume: Optional[str], overwrite: bool):
     made = not resume and not (run_dir and Path(run_dir).exists())
     path = Path(resume or run_dir) if (resume or run_dir) else rundir.create_default()
     lock = RunLock(path)
+    had_lock_file = lock.path.exists()
     with lock:
-        if overwrite:
-            rundir.clear(path)
-        elif not resume and rundir.run_files(path):
-            raise UserError(refusal(path))
         before = rundir.run_files(path)
         try:
+            if overwrite:
+                rundir.clear(path)
+                before = []
+            elif before and not resume:
+                raise UserError(refusal(path))
+            rundir.remove_leftovers(path)  # temporary files of a trainer that was killed mid-write
             yield path
         except BaseException:
-            if rundir.run_files(path) == before and not resume:
+            if rundir.run_files(path) == before and not resume and not had_lock_file:
                 lock.discard(remove_directory=made)
             raise
 

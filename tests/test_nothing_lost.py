@@ -1,0 +1,260 @@
+"""The reproduced ways a run got lost, resumed wrong or misread its input: one test each."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import textbook
+from parallel_nn import UserError, atomic, mnist, rundir
+from parallel_nn.checkpoint import load_checkpoint, load_model, save_model
+from parallel_nn.network import Model, he_init
+from parallel_nn.train import Config, train
+from tests.test_faults import ARGS, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(data, run_dir, **overrides):
+    base = dict(workers=2, epochs=2, batch_size=100, data_dir=str(data), run_dir=str(run_dir), quiet=True)
+    base.update(overrides)
+    return Config(**base)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    return (a / "weights.json").read_bytes() == (b / "weights.json").read_bytes()
+
+
+def test_a_stop_during_evaluation_resumes_bit_identical(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "straight").returncode == 0
+    cut = tmp_path / "cut"
+    done = trainer.train(cut, fault="evaluate:sigterm:2")  # the group's SIGTERM while epoch 2 is evaluated
+    assert done.returncode == 130, done.stderr
+    _, checkpoint = load_checkpoint(cut / "checkpoint.json")
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3)  # every step of epoch 2 done, its evaluation not
+    again = trainer.resume(cut)
+    assert again.returncode == 0, again.stderr
+    assert same_weights(cut, tmp_path / "straight")
+    metrics = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and metrics[1]["lr"] > 0
+
+
+def test_closing_the_terminal_saves_and_exits_130(tiny_data, tmp_path):
+    """A real pseudo-terminal, closed under a running trainer: SIGHUP, then every write fails (EIO)."""
+    master, slave = os.openpty()
+    args = ["--workers", "2", "--start-method", "fork", "--batch-size", "100", "--epochs", "40",
+            "--data-dir", str(tiny_data), "--run-dir", str(tmp_path / "run")]
+
+    def controlling_terminal():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", *args], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                            start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(slave)
+    seen, deadline = b"", time.monotonic() + 60
+    while b"epoch 2/" not in seen and time.monotonic() < deadline:  # the live line of epoch 2: mid-run
+        if select.select([master], [], [], 1.0)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+    assert b"epoch 2/" in seen, seen[-500:]
+    os.close(master)  # the terminal goes away
+    assert proc.wait(timeout=60) == 130
+    _, checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.json")
+    assert checkpoint["epoch"] >= 1
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.resume(tmp_path / "run").returncode == 0
+    straight = trainer.run(*args[:-2], "--run-dir", str(tmp_path / "straight"), "--quiet")
+    assert straight.returncode == 0, straight.stderr
+    assert same_weights(tmp_path / "run", tmp_path / "straight")
+
+
+def test_a_plain_resume_keeps_the_runs_workers(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "straight", "--workers", "1").returncode == 0
+    assert trainer.train(tmp_path / "cut", "--workers", "1", fault="update:sigint:5").returncode == 130
+    done = trainer.resume(tmp_path / "cut")  # no --workers: the run's 1, not this machine's count
+    assert done.returncode == 0, done.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["workers"] for m in metrics] == [1, 1, 1]
+    assert same_weights(tmp_path / "cut", tmp_path / "straight")
+
+
+def test_an_exception_in_a_worker_saves_first_and_says_one_line(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    done = trainer.train(tmp_path / "run", fault="compute:raise:5")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: worker 0 failed: RuntimeError: injected fault at compute" or \
+        done.stderr.strip() == "error: worker 1 failed: RuntimeError: injected fault at compute", done.stderr
+    _, checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.json")
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 1)  # saved where it stood, not at the epoch before
+    debug = trainer.train(tmp_path / "other", "--debug", fault="compute:raise:1")
+    assert "in point" in debug.stderr  # --debug shows the worker's own traceback
+
+
+def test_resume_works_from_any_directory_and_checks_the_data(tiny_data, tmp_path):
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    shutil.copytree(tiny_data, here / "datasets" / "mnist")
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = [sys.executable, "-m", "parallel_nn", *ARGS, "--run-dir", str(tmp_path / "run"), "--quiet"]
+    done = subprocess.run(run + ["--epochs", "1"], cwd=here, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr  # the default, relative --data-dir
+    resume = [sys.executable, "-m", "parallel_nn", "--resume", str(tmp_path / "run"), "--quiet"]
+    done = subprocess.run(resume + ["--epochs", "2"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # the data moved: --data-dir may say where it is now; other data is refused
+    shutil.move(str(here / "datasets"), str(elsewhere / "moved"))
+    done = subprocess.run(resume + ["--epochs", "3", "--data-dir", str(elsewhere / "moved" / "mnist")], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    from tests.conftest import write_dataset
+
+    other = write_dataset(tmp_path / "other", 400, 100, seed=7)
+    done = subprocess.run(resume + ["--epochs", "4", "--data-dir", str(other)], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "not the ones this run was trained on" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_a_diverging_run_stops_and_leaves_only_readable_files(tiny_data, tmp_path):
+    with pytest.raises(UserError, match=r"diverged at epoch 1 step \d+: .*lower --lr"):
+        train(config(tiny_data, tmp_path / "run", lr=1e200, optimizer="sgd", lr_schedule="constant"))
+    for path in (tmp_path / "run").glob("*.json*"):
+        text = path.read_text()
+        assert "NaN" not in text and "Infinity" not in text, path
+    # a run that diverges later keeps its last finite checkpoint, which loads
+    with pytest.raises(UserError, match="diverged at epoch 2 step 2"):
+        train(config(tiny_data, tmp_path / "later", epochs=2), on_step=poison_after(1, 1))
+    _, checkpoint = load_checkpoint(tmp_path / "later" / "checkpoint.json")  # epoch 1's, finite
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
+    load_model(tmp_path / "later" / "weights.json")
+
+
+def poison_after(epoch, step):
+    """An on_step hook that makes the weights infinite after (epoch, step), as an overflow would."""
+    import inspect
+
+    def hook(e, s):
+        if (e, s) > (epoch, step):
+            run = inspect.currentframe().f_back.f_locals["self"]
+            run.params = [math.inf] * len(run.params)
+            run.engine.set_params(run.params)
+    return hook
+
+
+def test_a_stopped_worker_is_replaced_and_the_run_ends_bit_identical(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "straight").returncode == 0
+    started = time.monotonic()
+    done = trainer.train(tmp_path / "run", "--worker-timeout", "2", fault="compute:stop:5")  # SIGSTOP, mid-step
+    assert done.returncode == 0, done.stderr
+    assert "did not answer within 2 s" in done.stderr and "restarting the workers" in done.stderr
+    assert time.monotonic() - started < 60
+    assert same_weights(tmp_path / "run", tmp_path / "straight")
+    assert trainer.survivors() == []
+
+
+def test_worker_timeout_is_scaled_from_measured_answers():
+    from parallel_nn.engine import Watchdog
+
+    dog = Watchdog(floor=60.0, factor=20.0)
+    assert dog.limit("grad") == 60.0
+    dog.answered("grad", 10.0)
+    dog.answered("eval", 0.5)
+    assert dog.limit("grad") == 200.0 and dog.limit("eval") == 60.0
+    assert Watchdog(fixed=2.0).limit("grad") == 2.0
+
+
+def test_a_second_ctrl_c_during_a_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_json(tmp_path / "checkpoint.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_checkpoint_is_read_under_the_lock(tiny_data, tmp_path, monkeypatch):
+    from parallel_nn import train as train_module
+
+    train(config(tiny_data, tmp_path / "run", epochs=1))
+    holders = []
+    real = train_module.load_checkpoint
+
+    def spy(path):
+        holders.append(rundir.holder(tmp_path / "run"))
+        return real(path)
+
+    monkeypatch.setattr(train_module, "load_checkpoint", spy)
+    train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))
+    assert holders == [os.getpid()]
+
+
+def test_a_failed_start_leaves_nothing(tiny_data, tmp_path, monkeypatch):
+    from parallel_nn.local import LocalEngine
+
+    def cannot(self):
+        raise UserError("no shared memory here")
+
+    monkeypatch.setattr(LocalEngine, "start", cannot)
+    with pytest.raises(UserError, match="no shared memory"):
+        train(config(tiny_data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError):
+        train(config(tiny_data, tmp_path / "kept"))
+    assert list((tmp_path / "kept").iterdir()) == []
+    monkeypatch.undo()
+    train(config(tiny_data, tmp_path / "run", epochs=1))  # the same directory is not refused
+
+
+def test_the_last_partial_batch_is_the_mean_over_its_real_size(tiny_data, tmp_path):
+    """250 examples in batches of 100: the third step averages over 50, not 100."""
+    sizes = [784, 32, 32, 10]
+    start = Model(sizes, he_init(sizes, 3))
+    save_model(tmp_path / "init.json", start)
+    lr = 0.1
+    train(config(tiny_data, tmp_path / "run", workers=3, epochs=1, optimizer="sgd", lr=lr, lr_schedule="constant",
+                 shift=0, shuffle=False, limit_train=250, init=str(tmp_path / "init.json")))
+    train_set = mnist.load_split(tiny_data, "train")
+    params = list(start.params)
+    for a, b in ((0, 100), (100, 200), (200, 250)):
+        _, grads = textbook.mean_loss_and_gradient(textbook.unflatten(params, sizes),
+                                                   textbook.decode(train_set.images, range(a, b)), list(train_set.labels[a:b]))
+        flat = [x for dW, db in grads for x in [v for row in dW for v in row] + db]
+        params = [w - lr * g for w, g in zip(params, flat)]
+    after = load_model(tmp_path / "run" / "weights.json").params
+    assert max(abs(x - y) / max(abs(y), 1e-3) for x, y in zip(after, params)) <= 1e-9
+
+
+def test_the_shift_draws_every_one_of_the_nine_moves():
+    drawn = mnist.random_augment(500, 1, 0, "parallel_nn/shift/0/0/0")
+    pairs = {(drawn[3 * n] - 128, drawn[3 * n + 1] - 128) for n in range(500)}
+    assert pairs == {(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)}
+
+
+@pytest.mark.parametrize("name", rundir.RUN_FILES)
+def test_any_one_run_file_alone_makes_a_directory_a_run(name, tiny_data, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).write_text("{}\n")
+    with pytest.raises(UserError, match=f"already holds a run \\({name}\\)"):
+        train(config(tiny_data, tmp_path / "run", epochs=1))
+    done = Trainer(tmp_path, tiny_data).train(tmp_path / "run")
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [name]
