@@ -7,18 +7,22 @@ pixel is a byte b (its value is b / 255), and Python ints have arbitrary size wi
 done in C over machine words. So we pack a whole vector into one int, each entry a fixed-point
 number in its own field of `width` bytes (a "lane"):
 
-    packed(v) = sum_k (BIAS + round(v[k] * 2**F)) << (8 * width * k)
+    packed(v) = sum_k (BIAS + round(v[k] * 2**F_k)) << (8 * width * k)
 
 Then b * packed(v) multiplies every lane by b, and adding packed ints adds lane by lane, carries
 never crossing a lane boundary because each lane is wide enough for the largest sum. One int
 multiply-add does all 32 outputs' multiply-adds: ~30 ns for what cost 32 x ~20 ns as floats.
 
 BIAS (about 2**62) keeps every lane non-negative, so reading a lane is `int.from_bytes`; the
-lane's sum of biases, BIAS * (sum of the b), is subtracted on the way out. F is chosen per packing
-so the largest magnitude gets 51 bits: each entry is exact to 2**-52 of the largest, like float64
-itself, and a 150-term sum stays within ~1e-15 of the float computation's (tests check 1e-12
-against the plain definitions and the textbook). Integer addition is exact and associative, so a
-result does not depend on the order examples are added in.
+lane's sum of biases, BIAS * (sum of the b), is subtracted on the way out. Each lane k has its own
+F (F_k), chosen so that the largest magnitude in that lane gets 51 bits: each entry is exact to
+2**-52 of its own lane's largest, like float64 itself, and a lane's sum of n terms of levels b_t
+is within 2**-51 * max|v| * sum_t (b_t / 255) of the exact sum, whatever the other lanes hold (one
+output's weight of 1e8 costs the other outputs nothing). A lane is one output (a row of W, a
+column of dZ), so that is 1e-12 of the output's own scale; tests check it against the plain
+definitions with adversarial magnitudes, and the worst-case sums at every width boundary.
+Integer addition is exact and associative, so a result does not depend on the order examples are
+added in.
 """
 
 from __future__ import annotations
@@ -39,56 +43,60 @@ BIAS = int.from_bytes(struct.pack("<d", ROUNDER), "little")  # (1075 << 52) + 2*
 
 
 class Lanes:
-    """A fixed-point layout: `count` lanes of `width` bytes for values up to `magnitude`, in sums
-    of packed ints with small non-negative integer weights adding up to at most `weight_limit`."""
+    """A fixed-point layout: one lane of `width` bytes per entry of `magnitudes`, lane k for values up
+    to magnitudes[k] (each finite and `fits`), in sums of packed ints with small non-negative integer
+    weights adding up to at most `weight_limit`."""
 
-    def __init__(self, count: int, magnitude: float, weight_limit: int, divisor: float = 1.0):
-        # magnitude < 2**exponent, so |v * 2**F| < 2**51 for every |v| <= magnitude
-        exponent = math.frexp(magnitude)[1] if magnitude > 0 else 0
-        self.fraction_bits = FIXED_BITS - exponent
+    def __init__(self, magnitudes: Sequence[float], weight_limit: int, divisor: float = 1.0):
+        # magnitude < 2**exponent, so |v * 2**F_k| < 2**51 for every |v| <= magnitude of lane k
+        self.fraction_bits = [FIXED_BITS - (math.frexp(m)[1] if m > 0 else 0) for m in magnitudes]
         # a lane holds sum(weight * (BIAS + q)) < weight_limit * 2**63
         self.width = (63 + max(1, weight_limit).bit_length() + 7) // 8
-        self.count = count
-        self.scale = math.ldexp(1.0, self.fraction_bits)
-        # reading a lane gives divisor * 2**F * (the float sum): undo both in one division
-        self.denominator = divisor * self.scale
+        self.count = count = len(magnitudes)
+        self.scales = [math.ldexp(1.0, f) for f in self.fraction_bits]
+        # reading lane k gives divisor * 2**F_k * (the float sum): undo both in one division
+        self.denominators = [divisor * scale for scale in self.scales]
         self._struct = struct.Struct("<" + f"d{self.width - 8}x" * count)
-        self._starts = range(0, count * self.width, self.width)
-
-    def _fixed(self, values: Iterable[float]) -> Iterable[float]:
-        """v * 2**F + ROUNDER for each value: what struct packs as BIAS + round(v * 2**F)."""
-        return map(add, map(mul, values, repeat(self.scale)), repeat(ROUNDER))
+        # per lane: its bytes in to_bytes's output, and its denominator
+        self._lanes = list(zip([slice(s, s + self.width) for s in range(0, count * self.width, self.width)],
+                               self.denominators))
 
     def pack(self, vectors: Iterable[Sequence[float]]) -> list[int]:
-        """One int per vector of `count` floats."""
-        pack, frm = self._struct.pack, int.from_bytes
-        return [frm(pack(*self._fixed(v)), "little") for v in vectors]
+        """One int per vector of `count` floats, entry k in lane k."""
+        pack, frm, scales, rounder = self._struct.pack, int.from_bytes, self.scales, repeat(ROUNDER)
+        # v * 2**F_k + ROUNDER for each entry: what struct packs as BIAS + round(v * 2**F_k)
+        return [frm(pack(*map(add, map(mul, v, scales), rounder)), "little") for v in vectors]
 
     def pack_columns(self, M: Sequence[Sequence[float]]) -> list[int]:
-        """One int per column of M (M has `count` rows): what pack(zip(*M)) gives, converting row by row."""
-        fixed = [list(self._fixed(row)) for row in M]
+        """One int per column of M (M has `count` rows, row k for lane k): what pack(zip(*M)) gives,
+        converting row by row."""
+        fixed = [list(map(add, map(mul, row, repeat(scale)), repeat(ROUNDER))) for row, scale in zip(M, self.scales)]
         pack, frm = self._struct.pack, int.from_bytes
         return [frm(pack(*column), "little") for column in zip(*fixed)]
 
     def unpack(self, total: int, weight_sum: int) -> list[float]:
         """The `count` floats in `total`, a sum of packed ints with integer weights adding to weight_sum."""
         raw = total.to_bytes(self.count * self.width, "little")
-        width, frm, bias, denominator = self.width, int.from_bytes, BIAS * weight_sum, self.denominator
-        return [(frm(raw[s : s + width], "little") - bias) / denominator for s in self._starts]
+        frm, bias = int.from_bytes, BIAS * weight_sum
+        return [(frm(raw[lane], "little") - bias) / denominator for lane, denominator in self._lanes]
 
 
-def magnitude(M: Iterable[Sequence[float]]) -> float:
-    """The largest |entry| of a matrix, or inf when an entry is inf or nan."""
-    largest = 0.0
-    for row in M:
-        if row:
-            if not math.isfinite(sum(row)):  # max() would skip a nan, depending on where it is
-                return math.inf
-            largest = max(largest, max(row), -min(row))
-    return largest
+def magnitudes(lanes: Iterable[Sequence[float]]) -> list[float]:
+    """The largest |value| of each lane, given as the sequence of its values: inf for a lane holding
+    an inf or a nan (or values so large that their sum overflows: floats will do then)."""
+    return [_largest(values) for values in lanes]
 
 
-def fits(largest: float) -> bool:
-    """Whether values up to `largest` can be packed: finite, and not so small that 2**F overflows
-    (then the caller computes with floats, which gives the same inf, nan or tiny numbers)."""
-    return largest == 0.0 or (math.isfinite(largest) and math.frexp(largest)[1] > -900)
+def _largest(values: Sequence[float]) -> float:
+    if not values:
+        return 0.0
+    if not math.isfinite(sum(values)):  # max() would skip a nan, depending on where it is
+        return math.inf
+    return max(max(values), -min(values))
+
+
+def fits(largest: Iterable[float]) -> bool:
+    """Whether lanes for values up to these magnitudes can be packed: each finite, and not so small
+    (below 2**-900, though not zero) that 2**F_k overflows. When not, the caller computes with floats,
+    which gives the same inf, nan or tiny numbers."""
+    return all(m == 0.0 or (math.isfinite(m) and math.frexp(m)[1] > -900) for m in largest)

@@ -226,10 +226,10 @@ def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:
     With W's columns packed (lanes.py), Z[n] is sum_i level[n][i] * packed column i: one int
     multiply-add per lit pixel for all outputs at once.
     """
-    largest = lanes.magnitude(W)
+    largest = lanes.magnitudes(W)  # output j's lane holds row j of W
     if not lanes.fits(largest):
         return linear(X.dense(), W, b)
-    layout = lanes.Lanes(len(W), largest, LEVELS * X.width, LEVELS)
+    layout = lanes.Lanes(largest, LEVELS * X.width, LEVELS)
     columns = layout.pack_columns(W)
     Z = []
     for positions, levels in X.rows:
@@ -247,10 +247,10 @@ def sparse_weight_grad(dZ: Tensor2D, X: SparseMatrix) -> Tensor2D:
     With dZ's rows packed, column i of dW is sum_n level[n][i] * packed dZ[n].
     """
     outputs = len(dZ[0]) if dZ else 0
-    largest = lanes.magnitude(dZ)
+    largest = lanes.magnitudes(zip(*dZ))  # output j's lane holds column j of dZ
     if not lanes.fits(largest):
         return weight_grad(dZ, X.dense())
-    layout = lanes.Lanes(outputs, largest, LEVELS * X.height, LEVELS)
+    layout = lanes.Lanes(largest, LEVELS * X.height, LEVELS)
     packed = layout.pack(dZ)
     dWT: list[Sequence[float]] = [(0.0,) * outputs] * X.width
     for i, rows, levels in X.columns:

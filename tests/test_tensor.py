@@ -135,7 +135,7 @@ def test_lanes_round_trip_sums_of_weighted_vectors(rng, scale):
     vectors = [[rng.uniform(-1, 1) * scale for _ in range(5)] for _ in range(30)]
     vectors[3] = [scale, -scale, 0.0, scale / 3, -scale / 7]  # the largest magnitude, both signs
     weights = [rng.randrange(256) for _ in vectors]
-    layout = lanes.Lanes(5, lanes.magnitude(vectors), 255 * len(vectors), 255)
+    layout = lanes.Lanes(lanes.magnitudes(zip(*vectors)), 255 * len(vectors), 255)
     got = layout.unpack(sum(w * p for w, p in zip(weights, layout.pack(vectors))), sum(weights))
     expected = [sum(w / 255 * v[k] for w, v in zip(weights, vectors)) for k in range(5)]
     assert max(abs(g - e) for g, e in zip(got, expected)) <= 1e-14 * max(scale, 1e-300) * sum(weights) / 255
@@ -164,3 +164,148 @@ def test_the_rounder_turns_floats_into_biased_integers(rng):
     for x in edges + [rng.uniform(-(2.0**51), 2.0**51) for _ in range(1000)]:
         bits = int.from_bytes(struct.pack("<d", x + lanes.ROUNDER), "little")
         assert bits == lanes.BIAS + round(x), x
+
+
+# ---- the lanes' precision is per output, whatever the other outputs' magnitudes ----
+#
+# The contract: each output of the lane kernels agrees with the plain definition to 1e-12 of that
+# output's own scale, for any finite weights. Precisely, for Z[n][j] = sum_i x[n][i] W[j][i] + b[j]
+#     |lanes - exact| <= 1e-12 * (sum_i x[n][i] * max_i |W[j][i]| + |b[j]|)
+# (the most its sum could be for these inputs, given its own weights: lane j's fixed point is exact
+# to 2**-52 of max_i |W[j][i]|, whatever the other lanes hold), and, for outputs whose own weights
+# have no outlier, the bound of a float sum, 1e-12 * (sum_i |x[n][i] W[j][i]| + |b[j]|). Likewise
+# dW[j][i] = sum_n dZ[n][j] x[n][i], with column j of dZ as lane j. `exact` is math.fsum of the terms.
+# (An output with one weight of 1e8 among 0.05s, on an image that leaves that pixel dark, is only
+# within the first bound: its lane's precision is 2**-52 of 1e8.)
+
+def he_matrix(rows, cols, rng, sigma=0.05):
+    return [[rng.gauss(0.0, sigma) for _ in range(cols)] for _ in range(rows)]
+
+
+def put(M, r, c, value):
+    M[r][c] = value
+
+
+def scale_rows(M, factors):
+    for r, f in factors.items():
+        M[r] = [v * f for v in M[r]]
+
+
+def scale_columns(M, factors):
+    for row in M:
+        for c, f in factors.items():
+            row[c] *= f
+
+
+ALL = {0, 1, 2, 3}
+# (how W, 4 outputs x pixels, is made adversarial in place; the outputs given an outlying weight)
+ADVERSARIAL_WEIGHTS = {
+    "one 1e3": (lambda W: put(W, 1, 5, 1e3), {1}),
+    "one 1e8": (lambda W: put(W, 1, 5, 1e8), {1}),
+    "one -1e300": (lambda W: put(W, 1, 5, -1e300), {1}),
+    "one 1e-8": (lambda W: put(W, 1, 5, 1e-8), {1}),
+    "an output tiny, another huge": (lambda W: scale_rows(W, {0: 1e-8, 2: 1e8}), set()),
+    "an output 1e-200, another 1e200": (lambda W: scale_rows(W, {0: 1e-200, 2: 1e200}), set()),
+    "an output below the lanes' range": (lambda W: scale_rows(W, {0: 1e-300}), set()),  # floats then
+    "an output all zero": (lambda W: scale_rows(W, {3: 0.0}), set()),
+    "a pixel tiny, another huge": (lambda W: scale_columns(W, {5: 1e-8, 6: 1e8}), ALL),
+}
+# the same for dZ, examples x 4 outputs
+ADVERSARIAL_GRADIENTS = {
+    "one 1e3": (lambda dZ: put(dZ, 3, 1, 1e3), {1}),
+    "one 1e8": (lambda dZ: put(dZ, 3, 1, 1e8), {1}),
+    "one -1e300": (lambda dZ: put(dZ, 3, 1, -1e300), {1}),
+    "one 1e-8": (lambda dZ: put(dZ, 3, 1, 1e-8), {1}),
+    "an output tiny, another huge": (lambda dZ: scale_columns(dZ, {0: 1e-8, 2: 1e8}), set()),
+    "an output 1e-200, another 1e200": (lambda dZ: scale_columns(dZ, {0: 1e-200, 2: 1e200}), set()),
+    "an output below the lanes' range": (lambda dZ: scale_columns(dZ, {0: 1e-300}), set()),
+    "a dead output (all zero)": (lambda dZ: scale_columns(dZ, {3: 0.0}), set()),
+    "an example tiny, another huge": (lambda dZ: scale_rows(dZ, {3: 1e-8, 4: 1e8}), ALL),
+}
+
+
+def assert_per_output(got, terms_of, uneven, bias=None):
+    """got[r][c] against math.fsum of x * w over terms_of(r, c), the (x, w) pairs of every input,
+    lit or not (+ bias[c]). Column c is output c, lane c; `uneven` are the lanes given an outlier."""
+    for r, row in enumerate(got):
+        for c, value in enumerate(row):
+            pairs = terms_of(r, c)
+            b = bias[c] if bias else 0.0
+            exact = math.fsum([x * w for x, w in pairs] + [b])
+            lane_scale = math.fsum(x for x, _ in pairs) * max(abs(w) for _, w in pairs) + abs(b)
+            error = abs(value - exact)
+            assert error <= 1e-12 * lane_scale, (r, c, value, exact, error / lane_scale)
+            if c not in uneven:
+                term_scale = math.fsum([abs(x * w) for x, w in pairs] + [abs(b)])
+                assert error <= 1e-12 * term_scale, (r, c, value, exact, error / term_scale)
+
+
+@pytest.mark.parametrize("case", ADVERSARIAL_WEIGHTS)
+def test_sparse_linear_precision_is_per_output(rng, case):
+    X = sparse_case(rng, rows=12, width=120)
+    W = he_matrix(4, X.width, rng)
+    make_adversarial, uneven = ADVERSARIAL_WEIGHTS[case]
+    make_adversarial(W)
+    b = [rng.gauss(0.0, 1.0) * sorted(map(abs, row))[len(row) // 2] for row in W]  # of each output's own size
+    x = X.dense()
+    got = tensor.sparse_linear(X, W, b)
+    assert_per_output(got, lambda n, j: list(zip(x[n], W[j])), uneven, b)
+
+
+@pytest.mark.parametrize("case", ADVERSARIAL_GRADIENTS)
+def test_sparse_weight_grad_precision_is_per_output(rng, case):
+    X = sparse_case(rng, rows=40, width=30)
+    dZ = he_matrix(X.height, 4, rng, sigma=0.01)
+    make_adversarial, uneven = ADVERSARIAL_GRADIENTS[case]
+    make_adversarial(dZ)
+    x = X.dense()
+    dWT = tensor.transpose(tensor.sparse_weight_grad(dZ, X))  # dWT[i][j]: output j in column j, as in Z
+    assert_per_output(dWT, lambda i, j: [(x[n][i], dZ[n][j]) for n in range(X.height)], uneven)
+
+
+# ---- the lanes' width: the worst-case sum fills a lane at the width boundaries ----
+#
+# A lane holds sum_t weight_t * (BIAS + q_t), with q_t = round(v_t * 2**F) reaching +-2**51 for v just
+# below a power of two and the weights adding up to weight_limit: at most weight_limit * 1076 * 2**52
+# (BIAS + 2**51 = 1076 * 2**52). The worst case is every value at +-magnitude and every weight at its
+# maximum. Its width, ceil((63 + weight_limit.bit_length()) / 8) bytes, is then full to the last bit
+# at weight_limit = 511, 131071, 33554431 (bit length 9, 17, 25: just below the power of two where
+# the width grows), so a lane one byte narrower overflows there; a width computed from one bit less
+# is a byte narrower at bit length 10, 18, 26, and overflows at the top of those (1020, 1023, 262143).
+# FIXED_BITS one larger puts x + ROUNDER beyond 2**53, where the doubles are no longer the integers.
+# So: every weight_limit just below, at and above each power of two up to 2**27, and the kernels'.
+
+BELOW_ONE = math.nextafter(1.0, 0.0)  # rounds to q = 2**51, the largest fixed-point value
+EXTREMES = [BELOW_ONE, 1.0, 0.75, 3.0e-5 * BELOW_ONE, 7.0e20]
+SIGNS = {"all +max": [1, 1, 1, 1, 1], "all -max": [-1, -1, -1, -1, -1],
+         "alternating": [1, -1, 1, -1, 1], "alternating from -": [-1, 1, -1, 1, -1]}
+WEIGHT_LIMITS = sorted({w for k in range(1, 28) for w in (2**k - 1, 2**k, 2**k + 1)}
+                       | {255 * 4, 255 * 500, 255 * 514, 255 * 784})
+
+
+@pytest.mark.parametrize("weight_limit", WEIGHT_LIMITS)
+def test_lanes_hold_the_worst_case_sum_at_every_width(weight_limit):
+    for magnitudes in [[m] * 5 for m in EXTREMES] + [EXTREMES, EXTREMES[::-1]]:  # and each lane its own
+        for signs in SIGNS.values():
+            vector = [s * m for s, m in zip(signs, magnitudes)]
+            layout = lanes.Lanes(magnitudes, weight_limit, 255)
+            (packed,) = layout.pack([vector])
+            # weight 255 as often as it fits, then the remainder: weights adding up to weight_limit
+            total = (weight_limit // 255) * (255 * packed) + (weight_limit % 255) * packed
+            got = layout.unpack(total, weight_limit)
+            expected = [weight_limit * v / 255 for v in vector]  # sum_t (weight_t / 255) * v
+            assert all(abs(g - e) <= 1e-12 * abs(e) for g, e in zip(got, expected)), (magnitudes, signs, got, expected)
+
+
+@pytest.mark.parametrize("images, pixels", [(4, 4), (4, 3), (500, 2), (514, 1), (1, 784), (1, 1028)])
+def test_sparse_kernels_on_saturated_shards(images, pixels):
+    """Every pixel 255 in every image (4 images: weight_limit 1020, just below 2**10), every weight and
+    gradient at the largest magnitude: each lane's sum has the largest total weight its layout allows."""
+    X = SparseMatrix(b"\xff" * (images * pixels), pixels)
+    for magnitude in (BELOW_ONE, 1.0):
+        for signs in SIGNS.values():
+            W = [[s * magnitude] * pixels for s in signs]
+            expected = [[pixels * s * magnitude for s in signs]] * images
+            assert close(tensor.sparse_linear(X, W, [0.0] * len(signs)), expected)
+            dZ = [[s * magnitude for s in signs]] * images
+            assert close(tensor.sparse_weight_grad(dZ, X), [[images * s * magnitude] * pixels for s in signs])
