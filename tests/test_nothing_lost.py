@@ -55,7 +55,7 @@ def test_a_stop_during_evaluation_resumes_bit_identical(tiny_data, tmp_path):
 def test_closing_the_terminal_saves_and_exits_130(tiny_data, tmp_path):
     """A real pseudo-terminal, closed under a running trainer: SIGHUP, then every write fails (EIO)."""
     master, slave = os.openpty()
-    args = ["--workers", "2", "--start-method", "fork", "--batch-size", "100", "--epochs", "40",
+    args = ["--workers", "2", "--start-method", "fork", "--batch-size", "50", "--limit-train", "300", "--limit-test", "100", "--epochs", "8",
             "--data-dir", str(tiny_data), "--run-dir", str(tmp_path / "run")]
 
     def controlling_terminal():
