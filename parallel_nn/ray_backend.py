@@ -12,15 +12,29 @@ Lifetimes and traffic, written down where they happen:
   as float64 bytes; the driver adds them with engine.reduce_sums in shard order. So --backend ray
   and --backend local with the same --workers end bit-identical.
 
-Faults: an actor that dies (killed, its node lost) is replaced and the step redone from the same
-weights. If no CPU is free for the replacement within REPLACE_WAIT seconds, the run goes on with
-the actors it has (the batch re-sharded over them: the mean gradient agrees to ~1e-15), says so
-once, and takes the replacement back as soon as it starts. Only when no actor at all can run does
-the step fail with WorkerCrashed, after which the trainer saves a resumable checkpoint.
+Faults: an actor that dies (killed, its node lost), or that has not answered within the watchdog's
+limit (`self.watchdog`, engine.Watchdog: stopped, deadlocked, its node unreachable), is killed,
+replaced and the step redone from the same weights: the reduction is in shard order, so the redone
+step gives the same sums to the bit. If no CPU is free for the replacement within REPLACE_WAIT
+seconds, the run goes on with the actors it has (the batch re-sharded over them: the mean gradient
+agrees to ~1e-15), says so once, and takes the replacement back as soon as it starts. Only when no
+actor at all can run does the step fail with WorkerCrashed, after which the trainer saves a
+resumable checkpoint; so does a step that needed more than MAX_RESTARTS replacements (deaths and
+timeouts counted together).
+
+Authentication: since Ray 2.59 `ray start --head` turns on token authentication when the machine
+has a token (~/.ray/auth_token, which a private `ray.init()` instance writes on first use), and a
+driver that sends none is refused with InvalidAuthToken for 20 s before a bare ConnectionError.
+check_auth asks the cluster once, in milliseconds, before ray.init: a refusal is one line naming
+the fix; when the cluster is on this machine and RAY_AUTH_MODE is unset, the driver uses this
+machine's token itself and says so (Ray does that only for address "auto": it never sends a
+token to an address given explicitly, and neither does this code unless the address is ours).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import socket
 import sys
@@ -28,7 +42,7 @@ from array import array
 from typing import Callable, Optional, Sequence
 
 from . import UserError
-from .engine import SerialTimer, StopRequested, WorkerCrashed, batch_messages, eval_ranges, reduce_sums
+from .engine import SerialTimer, StopRequested, Watchdog, WorkerCrashed, batch_messages, eval_ranges, reduce_sums
 from .mnist import Split
 from .network import parameter_count
 from .ray_worker import ShardWorker
@@ -37,7 +51,10 @@ from .trace import NoTracer, now, symmetric_offset
 CONNECT_TIMEOUT = 30.0  # seconds for a cluster address to answer
 REPLACE_WAIT = 10.0  # seconds a dead actor's replacement may take to start before the run shrinks
 START_WAIT = 120.0  # seconds the first actors may take to start (a cold node imports the package)
-MAX_RESTARTS = 3  # replacements within one step before the run stops
+MAX_RESTARTS = 3  # replacements within one step before the run stops (deaths and timeouts alike)
+AUTH_PROBE_MS = 5000  # the GCS's answer to check_auth's probe
+TOKEN_HELP = ("the cluster's token (`ray get-auth-token` on the head prints it) in ~/.ray/auth_token, "
+              "in RAY_AUTH_TOKEN, or in a file named by RAY_AUTH_TOKEN_PATH")
 
 
 def loopback_environment() -> None:
@@ -73,6 +90,121 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
                         "`ray start --head` and pass the address it prints") from None
 
 
+def check_auth(ray, address: str, warn: Callable[[str], None]) -> None:
+    """Fail in one line, within a second, when the cluster at `address` refuses this driver for its
+    token (ray.init would log InvalidAuthToken for 20 s, then raise a bare ConnectionError).
+
+    When the cluster requires a token, RAY_AUTH_MODE is unset, this machine has a token and the
+    address is this machine's own, token mode is turned on for this process (as Ray does for
+    address "auto") and `warn` says so. Ray versions without token authentication skip the check.
+    """
+    if address == "auto" or "://" in address or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config, InnerGcsClient
+
+        refused_error = ray.exceptions.AuthenticationError
+    except (ImportError, AttributeError):
+        return  # a Ray without token authentication
+    mode = os.environ.get("RAY_AUTH_MODE")
+    source = _token_source()
+
+    def has_token() -> bool:
+        loader = AuthenticationTokenLoader.instance()
+        loader.reset_cache()
+        try:
+            return bool(loader.has_token(ignore_auth_mode=True))
+        except refused_error as e:
+            raise UserError(f"--ray-address {address}: this machine's Ray token cannot be read "
+                            f"({getattr(e, 'message', e)}); put {TOKEN_HELP}") from None
+
+    def refused() -> bool:
+        # Ray's own client, without its retries; its C++ log line about the refusal is not shown.
+        with _quiet_stderr():
+            try:
+                InnerGcsClient.standalone(address, None, AUTH_PROBE_MS)
+            except refused_error:
+                return True
+            except Exception:
+                return False  # not about the token: ray.init reports it
+        return False
+
+    if (mode or "").lower() == "token":
+        if not has_token():  # Ray would abort the process (a failed check in C++), not raise
+            raise UserError(f"--ray-address {address}: RAY_AUTH_MODE=token, but this machine has no Ray token: put "
+                            f"{TOKEN_HELP}")
+        if refused():
+            raise UserError(f"--ray-address {address}: the Ray cluster refused the token from {source}: "
+                            f"put {TOKEN_HELP}")
+        return
+    if not refused():
+        return
+    if mode is None and source and has_token() and _on_this_machine(address):
+        os.environ["RAY_AUTH_MODE"] = "token"  # what Ray itself does to turn token mode on in-process
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+        if refused():
+            raise UserError(f"--ray-address {address}: the Ray cluster refused the token from {source}: "
+                            f"put {TOKEN_HELP}")
+        warn(f"the Ray cluster at {address} requires token authentication: using this machine's token from "
+             f"{source} (RAY_AUTH_MODE=token for this run)")
+        return
+    why = f"RAY_AUTH_MODE is {mode!r}" if mode is not None else (
+        f"a token is in {source}; this run sends it only to a cluster on this machine" if source else
+        "this machine has no Ray token")
+    raise UserError(f"--ray-address {address}: the Ray cluster requires token authentication ({why}): "
+                    f"set RAY_AUTH_MODE=token and put {TOKEN_HELP}")
+
+
+def _token_source() -> Optional[str]:
+    """Where Ray reads this driver's token from, in Ray's order; None if nowhere."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return os.environ["RAY_AUTH_TOKEN_PATH"]
+    default = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return default if os.path.isfile(default) else None
+
+
+def _on_this_machine(address: str) -> bool:
+    """Whether `address` (host:port) is a loopback address or one of this machine's own."""
+    host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    try:
+        ips = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)}
+    except (OSError, ValueError):
+        return False
+    ours = set()
+    try:
+        import psutil
+
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family in (socket.AF_INET, socket.AF_INET6):
+                    with contextlib.suppress(ValueError):
+                        ours.add(ipaddress.ip_address(a.address.split("%")[0]))
+    except ImportError:
+        pass
+    return bool(ips) and all(ip.is_loopback or ip in ours for ip in ips)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 (where Ray's C++ code logs) to the null device for a moment."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class RayEngine:
     """`with RayEngine(...) as engine:` — gradient() and evaluate() run on `workers` Ray actors."""
 
@@ -83,12 +215,14 @@ class RayEngine:
         self.ray = import_ray()
         self.sizes, self.workers, self.pixels = list(sizes), workers, train.pixels
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
         if self.address:
             check_address(self.address)
+            check_auth(self.ray, self.address, self.warn)
         self._data: Optional[tuple] = ((train.images, train.labels), ((test.images, test.labels) if test else (b"", b"")))
         self.test_count = test.count if test else 0
         self.size = parameter_count(sizes)
-        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.watchdog = Watchdog()  # the trainer's, with its --worker-timeout, once it has one
         self.serial = SerialTimer()
         self.restarts = 0
         self.bytes_sent = self.bytes_received = 0
@@ -217,9 +351,10 @@ class RayEngine:
         self._params = array("d", params).tobytes()
         self._params_ref = None  # put lazily, once, by the next step that needs it
 
-    def _call(self, make_calls: Callable[[list], list]) -> list:
-        """Run one call per actor (make_calls(actors) -> object refs), replacing actors that die and
-        redoing the whole call from the same weights."""
+    def _call(self, kind: str, make_calls: Callable[[list], list]) -> list:
+        """Run one call per actor (make_calls(actors) -> object refs), replacing actors that die or
+        do not answer within the watchdog's limit for `kind`, and redoing the whole call from the
+        same weights."""
         ray = self.ray
         for attempt in range(MAX_RESTARTS + 1):
             self._grow()
@@ -228,13 +363,23 @@ class RayEngine:
                     self._params_ref = ray.put(self._params)
                     self.bytes_sent += len(self._params) * self.nodes()  # one copy travels to each node
             actors = list(self._actors)
+            limit = self.watchdog.limit(kind)
             with self.serial, self.tracer.span("dispatch"):
                 sent = now()
                 refs = make_calls(actors)
             try:
                 with self.tracer.span("wait"):
-                    done = self._completion_times(refs) if self.tracer.active else {}
-                    replies = ray.get(refs)
+                    replies, done, late = self._collect(refs, sent + int(limit * 1e9))
+                if late:
+                    if self.stop_requested():
+                        raise StopRequested(f"{len(late)} Ray actor(s) did not answer while stopping")
+                    self.restarts += 1
+                    if attempt == MAX_RESTARTS:
+                        raise WorkerCrashed(f"Ray actors kept failing (the last did not answer within {limit:g} s); "
+                                            f"gave up after {MAX_RESTARTS} restarts")
+                    self._replace([actors[k] for k in late], f"did not answer within {limit:g} s (killed)")
+                    continue
+                self.watchdog.answered(kind, (max(done.values(), default=sent) - sent) / 1e9)
                 for k, (ref, reply) in enumerate(zip(refs, replies)):
                     if reply[-2]:  # spans: moved onto the driver's clock (see trace.py)
                         (start, end), where = reply[-1], self._where[actors[k]]
@@ -250,20 +395,30 @@ class RayEngine:
                 self.restarts += 1
                 if attempt == MAX_RESTARTS:
                     raise WorkerCrashed(f"Ray actors kept dying ({e.__class__.__name__}); gave up after {MAX_RESTARTS} restarts")
-                self._replace(dead or actors)
+                self._replace(dead or actors, "died")
         raise AssertionError("unreachable")
 
-    def _completion_times(self, refs: list) -> dict:
-        """When each call's result became available here (for placing its spans on this clock)."""
-        times, left = {}, list(refs)
+    def _collect(self, refs: list, deadline: int) -> tuple[list, dict, list]:
+        """(the replies in order, when each arrived (trace.now()), the indices of the calls still
+        unanswered at `deadline` (trace.now() units: ns)). Raises RayError for an actor that died.
+        One at a time when tracing (each reply's arrival places its spans), else all at once."""
+        ray, index = self.ray, {ref: k for k, ref in enumerate(refs)}
+        replies, done, left = [None] * len(refs), {}, list(refs)
         while left:
-            ready, left = self.ray.wait(left, num_returns=1)
-            times[ready[0]] = now()
-        return times
+            wait = max(0, deadline - now()) / 1e9
+            ready, left = ray.wait(left, num_returns=1 if self.tracer.active else len(left), timeout=wait)
+            arrived = now()
+            for ref in ready:
+                done[ref] = arrived
+                replies[index[ref]] = ray.get(ref)  # a dead actor's call raises here
+            if left and (not ready or now() >= deadline):
+                return replies, done, sorted(index[ref] for ref in left)
+        return replies, done, []
 
-    def _replace(self, dead: list) -> None:
+    def _replace(self, dead: list, what: str) -> None:
         ray = self.ray
-        names = ", ".join(f"worker {self._actors.index(a)} @ {self._where[a][1]}" for a in dead if a in self._actors)
+        names = ", ".join(f"worker {self._actors.index(a)} @ {self._where[a][1]} (pid {self._where[a][2]})"
+                          for a in dead if a in self._actors)
         for actor in dead:
             if actor in self._actors:
                 self._actors.remove(actor)
@@ -272,7 +427,7 @@ class RayEngine:
                 ray.kill(actor)
             except Exception:
                 pass
-        self.warn(f"{names} died; replacing it and redoing the step")
+        self.warn(f"{names} {what}; replacing it and redoing the step")
         self._actors += self._await([self._new_actor() for _ in dead], REPLACE_WAIT)
         if not self._actors:
             raise WorkerCrashed(f"no Ray actor can run: the cluster has no free CPU (waited {REPLACE_WAIT:.0f} s)")
@@ -286,7 +441,7 @@ class RayEngine:
             self.bytes_sent += sum(len(m[0]) + len(m[1] or b"") for m in messages if m)
             return [actor.gradient.remote(self._params_ref, *m, self.tracer.active) for actor, m in zip(actors, messages) if m]
 
-        replies = self._call(calls)
+        replies = self._call("grad", calls)
         with self.serial, self.tracer.span("reduce"):
             self.bytes_received += sum(len(r[0]) for r in replies)
             total = reduce_sums([r[0] for r in replies])
@@ -304,7 +459,7 @@ class RayEngine:
                     zip(actors, eval_ranges(self.test_count, len(actors))) if r]
 
         loss, predictions = 0.0, []
-        for part_loss, part, _, _ in self._call(calls):
+        for part_loss, part, _, _ in self._call("eval", calls):
             loss += part_loss
             predictions.extend(part)
         return loss, predictions

@@ -1,18 +1,26 @@
 """The Ray backend on real multi-node clusters on this machine, every connection on loopback.
 
 One cluster serves the module (a head with 0 CPUs, so actors run only on the worker nodes, plus
-3 nodes of 1 CPU each); the elastic test removes a node and adds one back. Skipped where Ray is
-not installed (it has no PyPy build): `pip install -e '.[ray]'`.
+3 nodes of 1 CPU each); the elastic test removes a node and adds one back. The token-authentication
+test starts its own head with `ray start --head`, as the README tells a user to; the watchdog test
+runs a private instance in a fresh interpreter. Each of those two gives its instance its own temp
+dir, by which all of its processes, and only them, are found and stopped afterwards. Skipped
+where Ray is not installed (it has no PyPy build): `pip install -e '.[ray]'`.
 """
 
+import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 
 import psutil
 import pytest
@@ -204,6 +212,204 @@ with RayEngine(SIZES, train_set, test_set, 2) as engine:
         alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.2)
     assert alive == []  # the instance went with the run
+
+
+# ---- token authentication (Ray 2.59+: `ray start --head` enables it when the machine has a token) ----
+
+def owned_by(temp: str) -> list:
+    """Live processes of the Ray instance whose temp dir is `temp`, and their children: the ones that
+    name it in their command line (gcs_server, raylet, ...) or hold a file open under it (Ray's
+    Python processes rewrite their command line and environment, but keep their logs open)."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:  # this process has head.log open
+                continue
+            if temp in " ".join(p.info["cmdline"] or []) or any(f.path.startswith(temp + os.sep) for f in p.open_files()):
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
+        except psutil.Error:
+            pass
+    return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def stop_owned(temp: str, seconds: float = 15.0) -> list[int]:
+    """Wait up to `seconds` for the instance's processes to go, then SIGCONT and SIGKILL the rest
+    (stopped ones included); the pids that had to be killed."""
+    deadline = time.monotonic() + seconds
+    while (left := owned_by(temp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
+    return [p.pid for p in left]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def clean_env(**extra) -> dict:
+    """This environment without any Ray address or authentication settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS"))}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")  # loopback, as the README says
+    return {**env, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def token_cluster(home):
+    """A head with token authentication and 2 CPUs, started by `ray start --head` on 127.0.0.1 with
+    its own temp dir and HOME (whose ~/.ray/auth_token is the token); yields (address, temp dir)."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = clean_env(HOME=str(home), RAY_AUTH_MODE="token")
+    log = open(os.path.join(temp, "head.log"), "w+")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=false",
+                             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in open(log.name).read():
+            assert head.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(20)
+        killed = stop_owned(temp)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert killed == [], f"Ray processes outlived `ray start --block`: {killed}"
+
+
+def test_a_token_protected_cluster_trains_with_the_token_and_refuses_in_one_line_without(tiny_data, tmp_path):
+    home, stranger = tmp_path / "home", tmp_path / "stranger"
+    (home / ".ray").mkdir(parents=True)
+    stranger.mkdir()
+    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+
+    def train(run_dir, **env):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "parallel_nn", "--backend", "ray", "--ray-address", address,
+                               "--workers", "2", "--epochs", "1", "--data-dir", str(tiny_data), "--run-dir", str(run_dir)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120, env=clean_env(**env))
+        return done, time.monotonic() - started
+
+    with token_cluster(home) as (address, temp):
+        pids = {p.pid for p in owned_by(temp)}
+        assert len(pids) >= 3 and non_loopback_connections(pids) == []  # gcs_server, raylet, agents, ...
+        # The token in ~/.ray/auth_token, RAY_AUTH_MODE unset, a cluster on this machine: used, and said so.
+        done, _ = train(tmp_path / "ok", HOME=str(home))
+        assert done.returncode == 0, done.stderr
+        assert "requires token authentication: using this machine's token from" in done.stderr
+        assert (tmp_path / "ok" / "weights.json").exists()
+        assert non_loopback_connections({p.pid for p in owned_by(temp)}) == []
+        # A wrong token, and none at all: one line each, within seconds, nothing written.
+        for name, env, words in [
+            ("wrong", dict(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32),
+             "refused the token from RAY_AUTH_TOKEN"),
+            ("none", dict(HOME=str(stranger)), "requires token authentication (this machine has no Ray token)"),
+            ("disabled", dict(HOME=str(home), RAY_AUTH_MODE="disabled"), "(RAY_AUTH_MODE is 'disabled')"),
+        ]:
+            done, seconds = train(tmp_path / name, **env)
+            assert done.returncode == 1 and done.stderr.count("\n") == 1, (name, done.stderr)
+            assert words in done.stderr and "RAY_AUTH_TOKEN" in done.stderr, (name, done.stderr)
+            assert seconds < 15 and not (tmp_path / name).exists(), (name, seconds)
+
+
+# ---- the watchdog: an actor that stops answering ----
+
+def test_an_actor_that_stops_answering_is_replaced_and_the_run_ends_bit_identical(tiny_data, tmp_path):
+    """SIGSTOP one actor during a step and the other during the evaluation, with a 3 s limit: each
+    is killed and replaced, its call redone, and the run ends equal to the uninterrupted one. In a
+    fresh interpreter with a private instance in its own temp dir (RAY_TMPDIR)."""
+    script = f"""
+import json, os, signal, sys
+sys.path.insert(0, "tests")
+from test_ray import SIZES, non_loopback_connections, ray_pids
+from parallel_nn import mnist
+from parallel_nn.engine import Watchdog
+from parallel_nn.network import he_init
+from parallel_nn.optim import Optimizer
+from parallel_nn import ray_backend
+from parallel_nn.ray_backend import RayEngine
+ray_backend.REPLACE_WAIT = 60.0  # a replacement's start takes ~8 s on a busy 2-core machine: never shrink here
+train_set, test_set = mnist.load({str(tiny_data)!r})
+warnings = []
+
+def stop(engine, k):
+    pid = engine.worker_pids()[k]
+    print("stopped", pid, flush=True)
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+def run(engine, stop_step=None, stop_eval=False):
+    params = he_init(SIZES, 0)
+    optimizer = Optimizer("momentum", len(params))
+    engine.set_params(params)
+    stopped = []
+    for step in range(5):
+        if step == stop_step:
+            stopped.append(stop(engine, 1))
+        grad, _, _ = engine.gradient(range(step * 200, step * 200 + 300))
+        params = optimizer.step(params, grad, 0.1, 1 / 300)
+        engine.set_params(params)
+    if stop_eval:
+        stopped.append(stop(engine, 0))
+    loss, predictions = engine.evaluate()
+    return [params, loss, predictions], stopped
+
+with RayEngine(SIZES, train_set, test_set, 2, warn=warnings.append) as engine:
+    engine.watchdog = Watchdog(fixed=3)
+    expected, _ = run(engine)
+    got, stopped = run(engine, stop_step=2, stop_eval=True)
+    result = {{"same": got == expected, "warnings": warnings, "restarts": engine.restarts, "stopped": stopped,
+               "pids": engine.worker_pids(), "bad": non_loopback_connections(ray_pids())}}
+print(json.dumps(result))
+"""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = clean_env(RAY_TMPDIR=temp, HOME=str(tmp_path))  # the instance's token goes to tmp_path/.ray, not ~
+    stopped = []
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=150,
+                              env=env, start_new_session=True)
+        stopped = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("stopped ")]
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stopped = [int(line.split()[1]) for line in out.splitlines() if line.startswith("stopped ")]
+        raise
+    finally:
+        left = stop_owned(temp, seconds=10)  # SIGCONT and SIGKILL whatever is left, stopped actors included
+        for pid in stopped:
+            if not gone(pid):
+                left.append(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["same"]  # params, test loss and every prediction, to the bit
+    assert result["restarts"] == 2 and len(result["stopped"]) == 2
+    assert all("did not answer within 3 s (killed); replacing it" in w for w in result["warnings"]), result["warnings"]
+    assert [f"(pid {pid})" in w for w, pid in zip(result["warnings"], result["stopped"])] == [True, True]
+    assert not set(result["stopped"]) & set(result["pids"])
+    assert result["bad"] == []
+    assert left == []  # the stopped actors were killed, and the private instance went with the run
 
 
 def test_a_lost_node_shrinks_the_run_and_a_new_node_grows_it_back(cluster, tiny_splits, monkeypatch):
