@@ -95,4 +95,43 @@ def load_checkpoint(path: str | Path) -> tuple[Model, dict[str, Any]]:
             raise UserError(f"{path}: checkpoint lacks {key!r} (corrupt)")
     if len(model.params) != parameter_count(model.sizes):
         raise UserError(f"{path}: weights do not match their layer sizes")
+    problem = _position_problem(obj) or _state_problem(obj["optimizer"], len(model.params))
+    if problem:
+        raise UserError(f"{path}: {problem} (corrupt or edited checkpoint)")
     return model, obj
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _position_problem(obj: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's position and running sums, or None."""
+    if not isinstance(obj["config"], dict):
+        return "config must be an object"
+    if not (_count(obj["epoch"]) and _count(obj["step"])):
+        return "epoch and step must be whole numbers >= 0"
+    partial = obj["partial"]
+    if not (isinstance(partial, dict) and _number(partial.get("loss")) and _number(partial.get("seconds"))
+            and _count(partial.get("correct")) and _count(partial.get("seen"))):
+        return "partial must hold finite loss and seconds, and whole numbers correct and seen"
+    if not isinstance(obj.get("metrics", []), list):
+        return "metrics must be a list"
+    return None
+
+
+def _state_problem(state: Any, size: int) -> str | None:
+    """What is wrong with an optimizer state (vectors of `size` finite numbers, finite scalars), or None."""
+    if not isinstance(state, dict):
+        return "optimizer must be an object"
+    for key, value in state.items():
+        if isinstance(value, list):
+            if len(value) != size or not all(_number(v) for v in value):
+                return f"optimizer {key!r} must be {size} finite numbers"
+        elif not _number(value):
+            return f"optimizer {key!r} must be a finite number"
+    return None

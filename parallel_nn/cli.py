@@ -27,6 +27,15 @@ COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot")
 DEFAULT_DATA = "datasets/mnist"
 
 
+class Given(argparse.Action):
+    """Store the value and remember that it was given: on --resume, a setting not given keeps the
+    run's saved value, even when the given one equals the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
 def default_workers() -> int:
     return psutil.cpu_count(logical=False) or 1
 
@@ -77,14 +86,14 @@ def layer_list(text: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
-        p.add_argument("--data-dir", default=DEFAULT_DATA, metavar="DIR", help="where the four MNIST IDX files are (default: %(default)s)")
+        p.add_argument("--data-dir", action=Given, default=DEFAULT_DATA, metavar="DIR", help="where the four MNIST IDX files are (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
 def _engine_flags(p: argparse.ArgumentParser, workers_default) -> None:
-    p.add_argument("--workers", type=positive_int, default=workers_default, metavar="N",
+    p.add_argument("--workers", action=Given, type=positive_int, default=workers_default, metavar="N",
                    help="worker processes; 1 still runs through the same engine (default: physical cores, here %d)" % default_workers())
-    p.add_argument("--start-method", choices=START_METHODS, default=None,
+    p.add_argument("--start-method", action=Given, choices=START_METHODS, default=None,
                    help="multiprocessing start method (default: the platform's)")
 
 
@@ -97,21 +106,21 @@ def train_parser() -> argparse.ArgumentParser:
                "(`python -m parallel_nn COMMAND --help`)",
     )
     _engine_flags(p, None)
-    p.add_argument("--backend", choices=BACKENDS, default="local",
+    p.add_argument("--backend", action=Given, choices=BACKENDS, default="local",
                    help="where the workers run: local processes sharing memory, or Ray actors on a cluster "
                         "(needs the extra: pip install -e '.[ray]'; default: %(default)s)")
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
+    p.add_argument("--ray-address", action=Given, default=None, metavar="ADDR",
                    help="the Ray cluster to join, e.g. 10.0.0.5:6379 (only with --backend ray; "
                         "default: $RAY_ADDRESS, else a private local Ray instance sized to --workers)")
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write a timeline of the parent and every worker (Chrome trace events: open it in Perfetto "
                         "or chrome://tracing; `plot RUN_DIR` draws it) (default: off)")
-    p.add_argument("--worker-timeout", type=positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--worker-timeout", action=Given, type=positive_float, default=None, metavar="SECONDS",
                    help="a worker that does not answer within SECONDS is treated as dead: killed, replaced and the "
                         "step redone (default: 20x the slowest answer so far, at least 60 s)")
     p.add_argument("--trace-steps", type=positive_int, default=30, metavar="N",
                    help="steps traced at the start of each epoch, with --trace; evaluations are always traced (default: %(default)s)")
-    p.add_argument("--reduce", choices=REDUCERS, default="parent",
+    p.add_argument("--reduce", action=Given, choices=REDUCERS, default="parent",
                    help="who sums the workers' gradients: the parent, or the workers in parallel after a barrier "
                         "(same result to the bit; default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="passes over the training set (default: 10)")
@@ -191,7 +200,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
             parser.error("--reduce workers is a shared-memory reduction of the local backend; on Ray the driver reduces")
         if args.resume:
             # A resumed run computes what the saved one would have: only how it runs may change.
-            may_change = {"resume", "epochs", "debug", "overwrite", *RUNS_ANYWHERE}
+            may_change = {"resume", "epochs", "debug", "overwrite", "given", *RUNS_ANYWHERE}
             changed = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
                        if dest not in may_change and value != parser.get_default(dest)]
             if changed:
@@ -199,7 +208,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
                 parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "
                              f"(allowed: {allowed})")
             # what was not given keeps the saved run's value (train.SAVED_ON_RESUME)
-            args.given = {key for key in RUNS_ANYWHERE if getattr(args, key) != parser.get_default(key)}
+            args.given = getattr(args, "given", set())
     return command, args
 
 

@@ -7,7 +7,7 @@ sets, for the trainer (and so for its workers, which inherit the environment):
     PARALLEL_NN_FAULT_ONCE=FILE       ...and only once in the whole process tree: the first
                                       process to create FILE fires (a restarted worker does not)
 
-Phases are the trace's names: the parent's "dispatch", "wait", "reduce", "update", "evaluate",
+Phases are the trace's names: the parent's "start" (the directory locked, nothing loaded yet), "dispatch", "wait", "reduce", "update", "evaluate",
 "epoch", "resume", "write <file> before rename" and "write <file> after rename"; a worker's
 "compute" and "worker evaluate". Faults: "sigint" (to the trainer), "sigterm" and "sighup" (to the
 process group, as a terminal or `kill -- -PGID` would), "kill" (SIGKILL this process), "stop"

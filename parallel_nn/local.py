@@ -38,6 +38,7 @@ from . import faults
 from .engine import (SerialTimer, StopRequested, Watchdog, WorkerCrashed, WorkerDied, WorkerError, batch_messages,
                      eval_ranges, reduce_sums)
 from .kernels import floats
+from .barrier import PipeBarrier
 from .mnist import Split
 from .network import parameter_count
 from .shm import Segment
@@ -47,6 +48,8 @@ from .worker import PARENTS_SIGNALS, slot_views, worker_main
 START_METHODS = ("fork", "spawn", "forkserver")
 REDUCERS = ("parent", "workers")
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
+POLL = 0.25  # seconds between looks at the stop flag while waiting for the workers
+STOP_GRACE = 2.0  # seconds the step in flight may take to finish once a stop is requested
 
 
 class LocalEngine:
@@ -125,26 +128,31 @@ class LocalEngine:
             "pixels": self.pixels,
             "workers": self.workers,
         }
-        # A fresh barrier per generation of workers: one broken by a death is never reused. The
-        # engine keeps it referenced: under spawn, a collected barrier unlinks its semaphores
-        # before the children have opened them.
-        barrier = self._barrier = self.context.Barrier(self.workers) if self.reduce == "workers" else None
+        # A fresh barrier per generation of workers: one broken by a death is never reused. Pipes,
+        # not multiprocessing's named semaphores, which SIGKILL to the group would leave in /dev/shm.
+        barrier = self._barrier = PipeBarrier(self.workers) if self.reduce == "workers" else None
         # Workers (and the forkserver or resource tracker, if starting one now) start with SIGINT and
         # SIGHUP blocked (a signal mask survives fork and exec), so a Ctrl-C or a closed terminal
         # while a spawned worker is still importing cannot kill it or print a traceback; the worker
         # ignores both, then unblocks them. A signal meant for the trainer meanwhile stays pending
         # and is delivered when the mask is restored here.
-        # The helpers are started first: starting the resource tracker unblocks SIGINT in the
-        # caller when it is done, which would undo the mask for the workers after it.
+        # The helpers are started first, with SIGHUP blocked: they do not ignore it themselves, and a
+        # closed terminal must not kill them under the trainer. (Starting the resource tracker
+        # unblocks SIGINT and SIGTERM in the caller when it is done, which would undo a mask set
+        # before it for the workers after it; it ignores those two itself.)
         method = self.context.get_start_method()
-        if method == "forkserver":
-            from multiprocessing import forkserver
+        helpers = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            if method == "forkserver":
+                from multiprocessing import forkserver
 
-            forkserver.ensure_running()  # starts the resource tracker too
-        elif method == "spawn":
-            from multiprocessing import resource_tracker
+                forkserver.ensure_running()  # starts the resource tracker too
+            elif method == "spawn":
+                from multiprocessing import resource_tracker
 
-            resource_tracker.ensure_running()
+                resource_tracker.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, helpers)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, PARENTS_SIGNALS)
         try:
             for k in range(self.workers):
@@ -177,6 +185,9 @@ class LocalEngine:
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []
+        if getattr(self, "_barrier", None) is not None:
+            self._barrier.close()
+            self._barrier = None
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, then close the parent's descriptors: the memory goes with the last user."""
@@ -222,12 +233,21 @@ class LocalEngine:
                     pending[k] = self._procs[k].sentinel
                     self.bytes_sent += len(payload)
         faults.point("dispatch" if kind == "grad" else "evaluate")
-        replies, deadline = {}, sent + self.watchdog.limit(kind)
+        replies, deadline, stopping = {}, sent + self.watchdog.limit(kind), False
         with self.tracer.span("wait"):
             while pending:
+                if not stopping and self.stop_requested():
+                    # Ctrl-C stops within seconds: the step in flight gets STOP_GRACE to finish
+                    stopping, deadline = True, min(deadline, time.perf_counter() + STOP_GRACE)
                 ready = set(wait([self._conns[k] for k in pending] + list(pending.values()),
-                                 max(0.0, deadline - time.perf_counter())))
+                                 min(POLL, max(0.0, deadline - time.perf_counter()))))
                 if not ready:
+                    if time.perf_counter() < deadline:
+                        continue
+                    if stopping:
+                        for k in pending:
+                            self._procs[k].kill()  # a worker that cannot answer is ended with the run
+                        raise StopRequested(f"stopped while worker {', '.join(map(str, sorted(pending)))} had not answered")
                     raise self._unresponsive(sorted(pending), deadline - sent)
                 for k in list(pending):
                     conn = self._conns[k]

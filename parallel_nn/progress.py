@@ -15,6 +15,8 @@ def write(stream, text: str) -> bool:
     """Write and flush `text`; an output that has gone away (a closed terminal: EIO; a closed pipe:
     EPIPE) never ends a run. Its descriptor is pointed at /dev/null so that later writes, and
     Python's own flush at exit, succeed quietly. Returns whether the text was written."""
+    if stream is None:  # started with that descriptor closed (`>&-`): Python has no stream for it
+        return False
     try:
         stream.write(text)
         stream.flush()
@@ -33,7 +35,7 @@ class Progress:
     """A live line on a terminal (stderr); nothing between epochs otherwise; silent with --quiet."""
 
     def __init__(self, quiet: bool):
-        self.live = not quiet and sys.stderr.isatty()
+        self.live = not quiet and sys.stderr is not None and sys.stderr.isatty()
         self.quiet = quiet
         self.last = 0.0
 

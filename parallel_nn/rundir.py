@@ -32,16 +32,38 @@ def run_files(directory: str | Path) -> list[str]:
 def create_default(base: str | Path = "runs") -> Path:
     """A new, empty runs/<timestamp>[-n]: the exclusive mkdir is what makes two runs never share one."""
     base = Path(base)
-    base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 10_000):
-        candidate = base / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            candidate = base / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f"cannot create a run directory under {base}: {e.strerror or e}; "
+                        "pass a writable --run-dir") from None
     raise UserError(f"could not create a new run directory under {base}")
+
+
+_held: set[int] = set()  # this process's lock descriptors
+
+
+def _forget_locks_in_child() -> None:
+    # A forked worker would share the trainer's flock (it belongs to the open file, which fork
+    # shares): a trainer killed while a worker lingers would keep its directory locked.
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 class RunLock:
@@ -52,8 +74,12 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use {self.path.parent} as a run directory: {e.strerror or e}; "
+                            "choose a writable --run-dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -64,10 +90,12 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        _held.add(fd)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
+            _held.discard(self._fd)
             os.close(self._fd)  # closing the only descriptor releases the lock
             self._fd = None
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from . import UserError, atomic, faults, mnist, rundir, trace
 from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from .network import Model, he_init, layer_sizes
-from .optim import DEFAULT_LR, Optimizer, learning_rate
+from .optim import DEFAULT_LR, SCHEDULES, Optimizer, learning_rate
 from .progress import Progress, tree_pss_mb, tree_rss_mb
 from .rundir import RunLock
 from .engine import SerialTimer, StopRequested, Watchdog, create_engine
@@ -69,6 +69,28 @@ class Config:
 
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    def problem(self) -> Optional[str]:
+        """What makes these settings impossible (a hand-edited checkpoint), or None."""
+        def whole(v, low=0):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def real(v, low=0.0, high=math.inf):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v < high
+
+        checks = {
+            "workers": whole(self.workers, 1), "epochs": whole(self.epochs, 1), "batch_size": whole(self.batch_size, 1),
+            "hidden": isinstance(self.hidden, list) and bool(self.hidden) and all(whole(h, 1) for h in self.hidden),
+            "optimizer": self.optimizer in DEFAULT_LR, "lr": self.lr is None or (real(self.lr) and self.lr > 0),
+            "lr_schedule": self.lr_schedule in SCHEDULES, "momentum": real(self.momentum, 0.0, 1.0),
+            "weight_decay": real(self.weight_decay), "shift": whole(self.shift) and self.shift <= 4,
+            "rotate": whole(self.rotate) and self.rotate <= 30, "seed": whole(self.seed, -2**63),
+            "data_dir": isinstance(self.data_dir, str),
+            "limit_train": self.limit_train is None or whole(self.limit_train, 1),
+            "limit_test": self.limit_test is None or whole(self.limit_test, 1),
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        return f"{', '.join(bad)} out of range or of the wrong type" if bad else None
 
 
 class Interrupted(Exception):
@@ -146,11 +168,15 @@ def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) 
     if resume:
         model, checkpoint = load_checkpoint(Path(resume) / "checkpoint.json")
         saved = Config.from_dict(checkpoint["config"])
+        problem = saved.problem()
+        if problem:
+            raise UserError(f"{Path(resume) / 'checkpoint.json'}: config: {problem} (corrupt or edited checkpoint)")
         for key in RUNS_ANYWHERE:
             if given is None or key in given or key not in SAVED_ON_RESUME:
                 setattr(saved, key, getattr(config, key))
         saved.epochs = config.epochs or saved.epochs
         saved.run_dir = str(resume)
+        saved.data_dir = os.path.abspath(saved.data_dir)
         return saved, model, checkpoint
     config.data_dir = os.path.abspath(config.data_dir)  # so --resume works from any directory
     sizes = layer_sizes(mnist.PIXELS, config.hidden, mnist.CLASSES)
@@ -162,6 +188,16 @@ def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) 
     else:
         model = Model(sizes, he_init(sizes, config.seed))
     return config, model, None
+
+
+def load_data(data_dir: str, resume: Optional[str]) -> tuple[mnist.Split, mnist.Split]:
+    try:
+        return mnist.load(data_dir)
+    except UserError as e:
+        if resume and not os.path.isdir(data_dir):
+            raise UserError(f"{e} (this run's data was in {data_dir}; if it moved, pass --resume {resume} "
+                            "--data-dir WHERE_IT_IS_NOW)") from None
+        raise
 
 
 def fingerprint(train_set: mnist.Split, test_set: mnist.Split) -> str:
@@ -188,10 +224,7 @@ def claimed(run_dir: Optional[str], resume: Optional[str], overwrite: bool):
     with lock:
         before = rundir.run_files(path)
         try:
-            if overwrite:
-                rundir.clear(path)
-                before = []
-            elif before and not resume:
+            if before and not resume and not overwrite:  # --overwrite clears it once the engine is up
                 raise UserError(refusal(path))
             rundir.remove_leftovers(path)  # temporary files of a trainer that was killed mid-write
             yield path
@@ -208,7 +241,9 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
     `overwrite`: replace a run already in config.run_dir (otherwise such a directory is refused).
     `given`: on resume, which run-anywhere settings the command line set (see prepare).
     """
-    with claimed(config.run_dir, resume, overwrite) as run_dir:
+    # the stop flag first: a signal while the data loads or the engine starts still ends in a checkpoint
+    with StopFlag() as stop, claimed(config.run_dir, resume, overwrite) as run_dir:
+        faults.point("start")
         config, model, checkpoint = prepare(config, resume, given)  # read under the lock: never a stale one
         config.run_dir = str(run_dir)
         progress = Progress(config.quiet)
@@ -216,7 +251,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             progress.note(f"{resume} has finished its {checkpoint['epoch']} epochs; nothing to do. To train it further: "
                           f"--resume {resume} --epochs N, with N > {checkpoint['epoch']}")
             return checkpoint.get("metrics", [])
-        train_set, test_set = mnist.load(config.data_dir)
+        train_set, test_set = load_data(config.data_dir, resume)
         data_sha256 = fingerprint(train_set, test_set)
         if checkpoint and checkpoint.get("data_sha256") not in (None, data_sha256):
             raise UserError(f"the MNIST files in {config.data_dir} are not the ones this run was trained on; "
@@ -231,8 +266,10 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
         engine.watchdog = Watchdog(config.worker_timeout)
         data = (train_set.count, test_set.labels)
         del train_set, test_set  # the engine holds the only copy until it moves it into shared memory
-        with StopFlag() as stop, engine, _written(tracer):
+        with engine, _written(tracer):
             # written once the engine is up: a start that fails leaves the directory as it was
+            if overwrite:
+                rundir.clear(run_dir)
             atomic.write_json(run_dir / "config.json", {**asdict(config), "python": interpreter()}, indent=2)
             run = Run(config, model, checkpoint, engine, data, run_dir, tracer, progress, stop, on_step)
             run.data_sha256 = data_sha256
@@ -258,6 +295,9 @@ class Run:
             self.partial, self.history = checkpoint["partial"], checkpoint.get("metrics", [])
             progress.say(f"resuming {run_dir} at epoch {self.epoch + 1}, step {self.step}")
         self.steps_per_epoch = -(-self.train_count // config.batch_size)
+        if self.step > self.steps_per_epoch:
+            raise UserError(f"{run_dir / 'checkpoint.json'}: step {self.step} is past the end of an epoch of "
+                            f"{self.steps_per_epoch} steps (corrupt or edited checkpoint)")
         self.python = interpreter()
         self.data_sha256: Optional[str] = None
         progress.say(f"python: {self.python} ({KIND} kernels); backend: {config.backend}")

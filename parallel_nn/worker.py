@@ -17,7 +17,8 @@ from .kernels import floats
 from .network import parameter_count
 from .trace import Recorder
 
-PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}  # sent to the whole group, meant for the trainer alone
+PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h  # sent to the whole group, meant for the trainer alone
 
 
 def slot_views(buf: memoryview, size: int, workers: int, start: int = 0, stop: int | None = None) -> list[memoryview]:
@@ -28,6 +29,19 @@ def slot_views(buf: memoryview, size: int, workers: int, start: int = 0, stop: i
     """
     stop = size if stop is None else stop
     return [buf[8 * (k * size + start) : 8 * (k * size + stop)] for k in range(workers)]
+
+
+def die_with_parent() -> None:
+    """Where the kernel offers it (Linux's PR_SET_PDEATHSIG), have it SIGKILL this worker the moment
+    the process that started it dies: even a stopped worker, which could never notice, then goes.
+    Elsewhere the worker's own check of its parent (every second) remains."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError, ImportError):
+        pass
 
 
 def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
@@ -43,6 +57,7 @@ def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
     # The process that started us: the trainer (fork, spawn) or the forkserver, which exits with
     # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
     parent_pid = os.getppid()
+    die_with_parent()
     segments = {key: handle.attach() for key, handle in spec["segments"].items()}
     sizes, pixels = spec["sizes"], spec["pixels"]
     size = parameter_count(sizes)
@@ -79,7 +94,7 @@ def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
                         my_slot[:] = flat
                     if barrier is not None:
                         with rec.span("barrier"):
-                            barrier.wait()  # every slot is written: reduce this worker's slice of them
+                            barrier.wait(slot, lambda: os.getppid() == parent_pid)  # every slot is written
                         with rec.span("reduce slice"):
                             reduced[my_start:my_stop] = array("d", reduce_sums(my_parts))
                     conn.send(("ok", loss, correct, rec.spans))

@@ -258,3 +258,165 @@ def test_any_one_run_file_alone_makes_a_directory_a_run(name, tiny_data, tmp_pat
     done = Trainer(tmp_path, tiny_data).train(tmp_path / "run")
     assert done.returncode == 2 and "already holds a run" in done.stderr
     assert [p.name for p in (tmp_path / "run").iterdir()] == [name]
+
+
+# ---- found by a review that attacked the fixes above ----
+
+
+def wait_for_workers(pid: int, count: int) -> None:
+    import psutil
+
+    deadline = time.monotonic() + 60
+    while len(psutil.Process(pid).children(recursive=True)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_sigkill_to_the_group_under_spawn_with_the_workers_reduction_leaks_nothing(tiny_data, tmp_path):
+    """multiprocessing's Barrier would leave four named semaphores in /dev/shm."""
+    import signal
+
+    before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", "--workers", "2", "--start-method", "spawn",
+                             "--reduce", "workers", "--batch-size", "100", "--epochs", "50", "--data-dir", str(tiny_data),
+                             "--run-dir", str(tmp_path / "run"), "--quiet"], cwd=ROOT, start_new_session=True)
+    wait_for_workers(proc.pid, 3)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert Trainer(tmp_path, tiny_data).survivors() == []
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_a_resume_right_after_the_trainer_is_killed_is_not_refused(tiny_data, tmp_path):
+    """Forked workers must not share the trainer's lock; a stopped one must not outlive it."""
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "straight").returncode == 0
+    assert trainer.train(tmp_path / "run", fault="update:kill:5").returncode == -9
+    done = trainer.resume(tmp_path / "run")  # at once: no waiting for the workers to notice
+    assert done.returncode == 0, done.stderr
+    assert same_weights(tmp_path / "run", tmp_path / "straight")
+
+
+def test_a_stopped_worker_then_a_killed_trainer_leaves_no_orphan(tiny_data, tmp_path):
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", *ARGS, "--epochs", "50", "--data-dir", str(tiny_data),
+                             "--run-dir", str(tmp_path / "run"), "--quiet"], cwd=ROOT, start_new_session=True)
+    wait_for_workers(proc.pid, 2)
+    time.sleep(1.0)
+    workers = psutil.Process(proc.pid).children()
+    os.kill(workers[0].pid, signal.SIGSTOP)
+    proc.kill()
+    proc.wait(timeout=10)
+    time.sleep(0.5)
+    for w in workers:
+        assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE
+    done = Trainer(tmp_path, tiny_data).resume(tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_hangup_under_spawn_prints_no_traceback(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    done = trainer.train(tmp_path / "run", "--start-method", "spawn", "--reduce", "workers", fault="update:sighup:5")
+    assert done.returncode == 130
+    assert "Traceback" not in done.stderr and "resource_tracker" not in done.stderr, done.stderr
+
+
+def test_ctrl_c_with_a_stopped_worker_stops_within_seconds(tiny_data, tmp_path):
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", *ARGS, "--epochs", "50", "--data-dir", str(tiny_data),
+                             "--run-dir", str(tmp_path / "run")], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_workers(proc.pid, 2)
+    time.sleep(1.0)
+    os.kill(psutil.Process(proc.pid).children()[0].pid, signal.SIGSTOP)
+    time.sleep(0.3)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130 and "interrupted: saved" in out, err
+    assert Trainer(tmp_path, tiny_data).survivors() == []
+    assert Trainer(tmp_path, tiny_data).resume(tmp_path / "run", "--epochs", "4").returncode == 0
+
+
+def test_a_signal_while_starting_ends_in_a_resumable_checkpoint(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "straight").returncode == 0
+    done = trainer.train(tmp_path / "run", fault="start:sigterm:1")  # before the data is even loaded
+    assert done.returncode == 130, done.stderr
+    assert trainer.resume(tmp_path / "run").returncode == 0
+    assert same_weights(tmp_path / "run", tmp_path / "straight")
+
+
+def test_a_relative_data_dir_given_on_resume_is_stored_absolute(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    shutil.copytree(tiny_data, tmp_path / "d1")
+    run = [sys.executable, "-m", "parallel_nn", *ARGS, "--run-dir", str(tmp_path / "run")]
+    env = dict(os.environ, PYTHONPATH=ROOT, PARALLEL_NN_FAULT="update:sigint:2")
+    assert subprocess.run(run + ["--data-dir", "d1"], cwd=tmp_path, env=env, capture_output=True,
+                          timeout=120).returncode == 130
+    shutil.move(str(tmp_path / "d1"), str(tmp_path / "d2"))
+    env["PARALLEL_NN_FAULT"] = "update:sigint:1"
+    done = subprocess.run([sys.executable, "-m", "parallel_nn", "--resume", "run", "--data-dir", "d2"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(tmp_path / "d2")
+    assert trainer.resume(tmp_path / "run").returncode == 0  # from elsewhere, no --data-dir
+
+
+def test_an_explicit_flag_equal_to_the_default_is_honoured_on_resume(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "run", "--reduce", "workers", fault="update:sigint:2").returncode == 130
+    done = trainer.resume(tmp_path / "run", "--reduce", "parent")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["reduce"] == "parent"
+
+
+def test_a_failed_overwrite_keeps_the_old_run(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "run", "--epochs", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != ".lock"}
+    done = trainer.run(*ARGS, "--data-dir", str(tmp_path / "typo"), "--run-dir", str(tmp_path / "run"), "--overwrite")
+    assert done.returncode == 1 and "is missing" in done.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != ".lock"} == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(step=1000), "step 1000 is past the end of an epoch"),
+    (lambda c: c.update(step=-5), "epoch and step must be whole numbers"),
+    (lambda c: c["partial"].update(loss=float("nan")), "partial must hold finite loss"),
+    (lambda c: c.update(epoch="2"), "epoch and step must be whole numbers"),
+    (lambda c: c["config"].update(batch_size="x"), "config: batch_size out of range"),
+    (lambda c: c["optimizer"]["v"].__setitem__(0, "x"), "optimizer 'v' must be"),
+])
+def test_an_edited_checkpoint_is_one_line_naming_the_file(edit, message, tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "run", fault="update:sigint:2").returncode == 130
+    path = tmp_path / "run" / "checkpoint.json"
+    checkpoint = json.loads(path.read_text())
+    edit(checkpoint)
+    path.write_text(json.dumps(checkpoint))
+    done = trainer.resume(tmp_path / "run")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert str(path) in done.stderr and message in done.stderr, done.stderr
+
+
+def test_closed_output_descriptors_do_not_stop_a_run(tiny_data, tmp_path):
+    for closed in ("1", "2"):
+        done = subprocess.run(f"{sys.executable} -m parallel_nn {' '.join(ARGS)} --data-dir {tiny_data} "
+                              f"--run-dir {tmp_path / closed} {closed}>&-", shell=True, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / closed / "weights.json").exists()
+
+
+def test_an_unwritable_run_directory_is_one_line(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    done = Trainer(tmp_path, tiny_data).train(tmp_path / "file" / "run")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "choose a writable --run-dir" in done.stderr

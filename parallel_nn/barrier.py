@@ -1,0 +1,70 @@
+"""A barrier for the workers' reduction made of two anonymous pipes: nothing named, nothing to leak.
+
+multiprocessing's Barrier is four named POSIX semaphores under spawn and forkserver, which only the
+resource tracker removes: SIGKILL to the process group (the tracker included) leaves them in
+/dev/shm. Pipes have no name; the kernel frees them with the last descriptor.
+
+Party 0 is the gatherer: it takes one byte per other party from `arrive`, then puts one byte per
+other party into `release`; every other party puts its byte into `arrive` and takes one from
+`release`. It can be reused step after step: a party can only reach the next step's barrier once
+the parent has dispatched that step, which it does only after every party has left this one, so
+no party ever takes a byte meant for an earlier step. A waiting party checks every second that its
+parent is still alive, so a worker never waits for ever on a run that is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from multiprocessing import reduction
+from typing import Callable
+
+
+class PipeBarrier:
+    def __init__(self, parties: int, fds: tuple[int, int, int, int] | None = None):
+        self.parties = parties
+        if fds is None:
+            arrive, release = os.pipe(), os.pipe()
+            fds = (*arrive, *release)
+            os.set_blocking(fds[0], False)  # the read ends: a wake-up may find the byte taken by another party
+            os.set_blocking(fds[2], False)
+        self.fds = fds
+
+    def __reduce__(self):
+        # pickled only while spawn or forkserver start a worker: the descriptors are passed to it
+        return _rebuild, (self.parties, *(reduction.DupFd(fd) for fd in self.fds))
+
+    def wait(self, party: int, alive: Callable[[], bool]) -> None:
+        """Return once every party has called wait(); raise BrokenPipeError if `alive()` turns false."""
+        arrive_r, arrive_w, release_r, release_w = self.fds
+        others = self.parties - 1
+        if party == 0:
+            _take(arrive_r, others, alive)
+            os.write(release_w, bytes(others))
+        else:
+            os.write(arrive_w, b"\0")
+            _take(release_r, 1, alive)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = (-1, -1, -1, -1)
+
+
+def _take(fd: int, count: int, alive: Callable[[], bool]) -> None:
+    while count:
+        if not select.select([fd], [], [], 1.0)[0]:
+            if not alive():
+                raise BrokenPipeError("the barrier's run is gone")
+            continue
+        try:
+            count -= len(os.read(fd, count))
+        except BlockingIOError:  # another party took it first
+            continue
+
+
+def _rebuild(parties: int, *dups) -> PipeBarrier:
+    return PipeBarrier(parties, tuple(dup.detach() for dup in dups))
