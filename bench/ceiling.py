@@ -1,0 +1,133 @@
+"""Engine efficiency: how close the data-parallel step comes to what the cores can do.
+
+    python -m bench.ceiling [--workers 1,2] [--steps 60] [--markdown FILE]
+
+The ceiling for W workers: W plain processes started at once, each running the project's own
+kernels on batch/W examples per step (decode with the default augmentation, forward, backward,
+the momentum update of all the weights), nothing shared and nothing waited for. The engine: the
+same steps through the local engine with W workers (gradient across the workers, then the
+parent's update), as the trainer runs them. Both are timed step by step in this one run, on this
+machine and interpreter, after the same warm-up (the JIT's, on PyPy):
+
+    engine efficiency = ceiling step (median) / engine step (median)
+
+1.0 means the engine costs nothing beyond the maths. The table also gives each step's 90th
+percentile (the spread: pauses, contention), and the epoch it implies (120 steps plus one
+evaluation of the test set through the engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import statistics
+import time
+
+import psutil
+
+from bench import data
+from parallel_nn import mnist
+from parallel_nn.engine import shard_gradient
+from parallel_nn.kernels import interpreter
+from parallel_nn.local import LocalEngine
+from parallel_nn.network import he_init
+from parallel_nn.optim import Optimizer
+
+SIZES = [784, 32, 32, 10]
+BATCH = 500
+WARMUP = 20
+
+
+def batches(count: int, steps: int, size: int, seed: int) -> list[tuple[list[int], bytes]]:
+    """`steps` random batches of `size` indices with the default augmentation (one-pixel shifts)."""
+    rng = random.Random(seed)
+    return [(rng.sample(range(count), size), mnist.random_augment(size, 1, 0, f"bench/{seed}/{s}")) for s in range(steps)]
+
+
+def plain_process(train: mnist.Split, size: int, steps: int, seed: int, start, out) -> None:
+    """One plain process's loop: its own weights, its own optimizer, its shard of every batch."""
+    params = he_init(SIZES, 0)
+    optimizer = Optimizer("nesterov", len(params))
+    work = batches(train.count, WARMUP + steps, size, seed)
+    times = []
+    start.wait()  # all W copies begin together
+    for indices, augment in work:
+        t = time.perf_counter()
+        grad, _, _ = shard_gradient(params, SIZES, train.images, train.labels, indices, train.pixels, augment)
+        params = optimizer.step(params, grad, 0.1, 1 / size)
+        times.append(time.perf_counter() - t)
+    out.put(times[WARMUP:])
+
+
+def ceiling(train: mnist.Split, workers: int, steps: int) -> list[float]:
+    """Per-step seconds of `workers` plain processes at once, each on batch/workers examples."""
+    context = mp.get_context("fork")  # the processes share the dataset's pages, as workers do
+    start, out = context.Barrier(workers), context.Queue()
+    size = -(-BATCH // workers)
+    procs = [context.Process(target=plain_process, args=(train, size, steps, k, start, out)) for k in range(workers)]
+    for p in procs:
+        p.start()
+    times = [t for _ in procs for t in out.get()]
+    for p in procs:
+        p.join()
+    return times
+
+
+def engine(train: mnist.Split, test: mnist.Split, workers: int, steps: int) -> tuple[list[float], float]:
+    """Per-step seconds of the trainer's step through the local engine, and one evaluation's."""
+    params = he_init(SIZES, 0)
+    optimizer = Optimizer("nesterov", len(params))
+    work = batches(train.count, WARMUP + steps, BATCH, 99)
+    times = []
+    with LocalEngine(SIZES, train, test, workers) as eng:
+        eng.set_params(params)
+        for indices, augment in work:
+            t = time.perf_counter()
+            grad, _, _ = eng.gradient(indices, augment)
+            params = optimizer.step(params, grad, 0.1, 1 / BATCH)
+            eng.set_params(params)
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        eng.evaluate()
+        evaluation = time.perf_counter() - t
+    return times[WARMUP:], evaluation
+
+
+def p90(times: list[float]) -> float:
+    return sorted(times)[int(0.9 * (len(times) - 1))]
+
+
+def table(worker_counts: list[int], steps: int) -> list[str]:
+    train, test, which = data.load()
+    lines = [f"{interpreter()}, {psutil.cpu_count(logical=False)} cores, {which}, batch {BATCH}, "
+             f"{steps} steps after {WARMUP} of warm-up", "",
+             "| workers | ceiling step (median / p90) | engine step (median / p90) | efficiency | p90 / median | epoch |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for w in worker_counts:
+        top = ceiling(train, w, steps)
+        steps_taken, evaluation = engine(train, test, w, steps)
+        c, e = statistics.median(top), statistics.median(steps_taken)
+        lines.append(f"| {w} | {1000 * c:.1f} / {1000 * p90(top):.1f} ms | {1000 * e:.1f} / {1000 * p90(steps_taken):.1f} ms "
+                     f"| {c / e:.2f} | {p90(steps_taken) / e:.2f} | {120 * e + evaluation:.2f} s |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1, 2, 4, ... up to the cores here)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per row (default: %(default)s)")
+    parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table here")
+    args = parser.parse_args()
+    cores = psutil.cpu_count(logical=False) or 1
+    doubling = [w for w in (1, 2, 4, 8, 16, 32, 64) if w < cores] + [cores]
+    counts = [int(w) for w in args.workers.split(",")] if args.workers else doubling
+    lines = table(counts, args.steps)
+    print("\n".join(lines))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
