@@ -298,17 +298,16 @@ def test_a_resume_right_after_the_trainer_is_killed_is_not_refused(tiny_data, tm
 
 
 def test_a_stopped_worker_then_a_killed_trainer_leaves_no_orphan(tiny_data, tmp_path):
-    import signal
-
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", *ARGS, "--epochs", "50", "--data-dir", str(tiny_data),
-                             "--run-dir", str(tmp_path / "run"), "--quiet"], cwd=ROOT, start_new_session=True)
-    wait_for_workers(proc.pid, 2)
-    time.sleep(1.0)
-    workers = psutil.Process(proc.pid).children()
-    os.kill(workers[0].pid, signal.SIGSTOP)
-    proc.kill()
+    env = dict(os.environ, PARALLEL_NN_FAULT="compute:stop:5", PARALLEL_NN_FAULT_ONCE=str(tmp_path / "fired"))
+    proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", *ARGS, "--data-dir", str(tiny_data), "--run-dir",
+                             str(tmp_path / "run"), "--quiet"], cwd=ROOT, start_new_session=True, env=env)
+    deadline, workers = time.monotonic() + 60, []
+    while time.monotonic() < deadline and not any(w.status() == psutil.STATUS_STOPPED for w in workers):
+        time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children()
+    proc.kill()  # the trainer dies while one of its workers is stopped (epoch 2: a checkpoint exists)
     proc.wait(timeout=10)
     time.sleep(0.5)
     for w in workers:
