@@ -273,3 +273,21 @@ def test_empty_wrong_shape_and_implausible_headers(tmp_path, prefix, name, data,
     message = str(error.value)
     assert words in message and f"{name}.gz" in message and "\n" not in message, message
     assert mnist.FIX in message, message
+
+
+def reference_augment(count, shift, rotate, seed):
+    """random_augment as first written, with randint: the definition the fast one must match."""
+    import random
+
+    moves, turns = random.Random(seed), random.Random(seed + "/rotate")
+    out = bytearray()
+    for _ in range(count):
+        out += bytes((moves.randint(-shift, shift) + 128, moves.randint(-shift, shift) + 128,
+                      (turns.randint(-rotate, rotate) if rotate else 0) + 128))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("shift, rotate", [(1, 0), (0, 10), (1, 10), (4, 30), (2, 1), (3, 0)])
+def test_random_augment_draws_what_randint_draws(shift, rotate):
+    for seed in ("parallel_nn/shift/0/0/0", "parallel_nn/shift/7/3/119"):
+        assert mnist.random_augment(500, shift, rotate, seed) == reference_augment(500, shift, rotate, seed)
