@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from dataclasses import fields
@@ -19,7 +18,7 @@ from . import UserError
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
 from .engine import BACKENDS
 from .local import REDUCERS, START_METHODS
-from .progress import write
+from .progress import silence, write
 from .rundir import run_files
 from .train import RUNS_ANYWHERE
 
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         write(sys.stderr, "interrupted\n")
         return 130
     except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence(sys.stdout)
         return 1
     except UserError as e:
         if args.debug:

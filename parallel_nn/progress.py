@@ -22,13 +22,18 @@ def write(stream, text: str) -> bool:
         stream.flush()
         return True
     except (OSError, ValueError):  # ValueError: the stream was closed
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+        silence(stream)
         return False
+
+
+def silence(stream) -> None:
+    """Point the stream's descriptor at /dev/null: an output that has gone away takes writes quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 class Progress:

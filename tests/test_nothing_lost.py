@@ -23,6 +23,7 @@ from parallel_nn.checkpoint import load_checkpoint, load_model, save_model
 from parallel_nn.network import Model, he_init
 from parallel_nn.train import Config, train
 from tests.test_faults import ARGS, Trainer
+from tests.test_parallel import wait_for_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,14 +264,6 @@ def test_any_one_run_file_alone_makes_a_directory_a_run(name, tiny_data, tmp_pat
 # ---- found by a review that attacked the fixes above ----
 
 
-def wait_for_workers(pid: int, count: int) -> None:
-    import psutil
-
-    deadline = time.monotonic() + 60
-    while len(psutil.Process(pid).children(recursive=True)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def test_sigkill_to_the_group_under_spawn_with_the_workers_reduction_leaks_nothing(tiny_data, tmp_path):
     """multiprocessing's Barrier would leave four named semaphores in /dev/shm."""
     import signal
@@ -279,7 +272,7 @@ def test_sigkill_to_the_group_under_spawn_with_the_workers_reduction_leaks_nothi
     proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", "--workers", "2", "--start-method", "spawn",
                              "--reduce", "workers", "--batch-size", "100", "--epochs", "50", "--data-dir", str(tiny_data),
                              "--run-dir", str(tmp_path / "run"), "--quiet"], cwd=ROOT, start_new_session=True)
-    wait_for_workers(proc.pid, 3)
+    wait_for_workers(proc, 3)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
@@ -331,7 +324,7 @@ def test_ctrl_c_with_a_stopped_worker_stops_within_seconds(tiny_data, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", *ARGS, "--epochs", "50", "--data-dir", str(tiny_data),
                              "--run-dir", str(tmp_path / "run")], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_workers(proc.pid, 2)
+    wait_for_workers(proc, 2)
     time.sleep(1.0)
     os.kill(psutil.Process(proc.pid).children()[0].pid, signal.SIGSTOP)
     time.sleep(0.3)
