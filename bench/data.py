@@ -27,3 +27,11 @@ def load() -> tuple[mnist.Split, mnist.Split, str]:
         train, test = mnist.load(REAL)
         return train, test, "MNIST"
     return synthetic(60000, 0), synthetic(10000, 1), "synthetic (run `make datasets` for MNIST)"
+
+
+def report(lines: list[str], markdown: str | None) -> None:
+    """Print a benchmark's table, and write it to `markdown` too when asked."""
+    print("\n".join(lines))
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")

@@ -25,7 +25,8 @@ from parallel_nn import mnist, network
 from parallel_nn.kernels import interpreter
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
-from parallel_nn.engine import SerialTimer, create_engine
+from parallel_nn.backends import create_engine
+from parallel_nn.engine import SerialTimer
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500
@@ -80,15 +81,15 @@ def measure(workers: int, steps: int, reduce: str = "parent", backend: str = "lo
             "sent_per_worker": sent / workers, "received_per_worker": received / workers}
 
 
-def shard_compute_seconds(train, examples: int, repeats: int = 20) -> float:
+def shard_compute_seconds(train, examples: int, repeats: int = 20, sizes: list[int] = SIZES) -> float:
     """One worker's whole step on `examples` images, in-process: read weights, decode, forward, backward."""
-    params = he_init(SIZES, 0)
+    params = he_init(sizes, 0)
     rng = random.Random(1)
     best = float("inf")
     for _ in range(repeats):
         indices = rng.sample(range(train.count), examples)
         t = time.perf_counter()
-        network.loss_and_gradient(network.unflatten(params, SIZES), mnist.decode_batch(train.images, indices),
+        network.loss_and_gradient(network.unflatten(params, sizes), mnist.decode_batch(train.images, indices),
                                   [train.labels[k] for k in indices])
         best = min(best, time.perf_counter() - t)
     return best
@@ -236,11 +237,7 @@ def main() -> None:
         lines += [""] + ray_projection(data.load()[0], best)
     if args.plot:
         lines += ["", plot_scaling(rows, cores, machine, args.plot)]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    data.report(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import psutil
 
 from . import UserError
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
-from .engine import BACKENDS
+from .backends import BACKENDS
 from .local import REDUCERS, START_METHODS
 from .progress import silence, write
 from .rundir import run_files
@@ -105,6 +105,15 @@ def train_parser() -> argparse.ArgumentParser:
                "(`python -m parallel_nn COMMAND --help`)",
     )
     _engine_flags(p, None)
+    _execution_flags(p)
+    _training_flags(p)
+    _run_flags(p)
+    _common(p)
+    return p
+
+
+def _execution_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the workers run: what --resume may change (train.RUNS_ANYWHERE)."""
     p.add_argument("--backend", action=Given, choices=BACKENDS, default="local",
                    help="where the workers run: local processes sharing memory, or Ray actors on a cluster "
                         "(needs the extra: pip install -e '.[ray]'; default: %(default)s)")
@@ -122,6 +131,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce", action=Given, choices=REDUCERS, default="parent",
                    help="who sums the workers' gradients: the parent, or the workers in parallel after a barrier "
                         "(same result to the bit; default: %(default)s)")
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    """What is computed: the model, the optimizer, the data's order and augmentation."""
     p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="passes over the training set (default: 10)")
     p.add_argument("--batch-size", type=positive_int, default=500, metavar="B", help="global mini-batch, split across the workers (default: %(default)s)")
     p.add_argument("--hidden", type=layer_list, default=[32, 32], metavar="32,32", help="hidden layer sizes (default: 32,32)")
@@ -140,6 +153,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="augment: also turn each training image by a whole number of degrees in [-DEGREES, DEGREES] "
                         "(0-30), fresh every epoch; the record recipe uses 10 (default: %(default)s, off)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="every random choice (init, shuffling) derives from it (default: %(default)s)")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Which data, where the run lives, where it starts from."""
     p.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="use only the first N training examples (default: all 60000)")
     p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use only the first N test examples (default: all 10000)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file order (default: shuffle every epoch)")
@@ -149,8 +166,6 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --run-dir (its files are removed first); without it such a directory is refused")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    _common(p)
-    return p
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:

@@ -2,25 +2,26 @@
 
 An engine runs one data-parallel step: `gradient(indices, augment)` returns the *sum* over the batch
 of the per-example gradients (flat), the summed loss and the number correct; `evaluate()` runs
-the test set. Two engines implement it: local.py (worker processes on shared memory, the default)
-and ray_backend.py (Ray actors, possibly on many machines). Both shard the batch with `shard`, have
+the test set. Two engines implement `Engine`: local.py (worker processes on shared memory, the
+default) and ray_backend.py (Ray actors, possibly on many machines); backends.py, a floor above
+them, chooses one. This module knows neither. Both shard the batch with `shard`, have
 every worker run `shard_gradient`, and add the shard sums with `reduce_sums` in shard order, so
 the same `--workers` gives bit-identical weights on either backend.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from array import array
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import UserError
 from .kernels import KIND, add_into, doubles, floats
 from .mnist import AUGMENT_BYTES, decode_batch
 from .network import backward, forward, predict, unflatten
-from .trace import Recorder
+from .trace import NoTracer, Recorder
 
-BACKENDS = ("local", "ray")
 EVAL_CHUNK = 1000  # test images a worker decodes at a time: bounds its memory
 
 
@@ -65,6 +66,37 @@ class Watchdog:
 
     def answered(self, kind: str, seconds: float) -> None:
         self.slowest[kind] = max(seconds, self.slowest.get(kind, 0.0))
+
+
+class Engine:
+    """What the trainer sees of either backend: `with engine:` starts its workers and stops them,
+    `set_params`, `gradient` and `evaluate` run the step, and these attributes it may set or read."""
+
+    def __init__(self, sizes: Sequence[int], workers: int, warn: Optional[Callable[[str], None]] = None):
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.sizes, self.workers = list(sizes), workers
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.restarts = 0  # times the workers were replaced
+        self.bytes_sent = self.bytes_received = 0  # what travelled between the parent and the workers
+        self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's stop flag, once it has one
+        self.tracer = NoTracer()  # the trainer's, with --trace
+        self.serial = SerialTimer()  # the parent's serial path; the trainer adds its update to it
+        self.watchdog = Watchdog()  # how long a worker may take to answer (the trainer's --worker-timeout)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        # On Ctrl-C or an error the workers' current work is worthless: stop them at once.
+        self.close(graceful=kind is None)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self, graceful: bool = True) -> None:
+        raise NotImplementedError
 
 
 class WorkerDied(Exception):
@@ -185,17 +217,3 @@ def batch_messages(indices: Sequence[int], augment: Optional[bytes], workers: in
 def eval_ranges(count: int, workers: int) -> list:
     """Per worker: (start, stop) of its test examples, or None."""
     return [(p[0], p[-1] + 1) if p else None for p in shard(range(count), workers)]
-
-
-def create_engine(backend: str, sizes: Sequence[int], train, test, workers: int, *, start_method: Optional[str] = None,
-                  reduce: str = "parent", address: Optional[str] = None, warn=None):
-    """The engine for `backend`; the trainer talks to what this returns without knowing which it is."""
-    if backend == "ray":
-        from .ray_backend import RayEngine  # imported only when asked for: Ray is an optional extra
-
-        return RayEngine(sizes, train, test, workers, address=address, warn=warn)
-    if backend != "local":
-        raise ValueError(f"backend must be one of {BACKENDS}")
-    from .local import LocalEngine
-
-    return LocalEngine(sizes, train, test, workers, start_method, warn=warn, reduce=reduce)

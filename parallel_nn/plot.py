@@ -144,6 +144,12 @@ def plot_trace(trace_path: Path, output_dir: Path, steps_shown: int = 4) -> list
     if not steps:
         raise UserError(f"{trace_path} has no traced steps")
     plt = _pyplot()
+    return [_timeline(plt, names, spans, steps, output_dir / "timeline.png", steps_shown),
+            _step_bars(plt, events, output_dir / "steps.png")]
+
+
+def _timeline(plt, names: dict, spans: list, steps: list, timeline: Path, steps_shown: int) -> Path:
+    """A Gantt chart of `steps_shown` steps of the last traced epoch, one row per process."""
     last_epoch = max(s["args"]["epoch"] for s in steps)
     window = [s for s in steps if s["args"]["epoch"] == last_epoch][1 : 1 + steps_shown] or steps[:steps_shown]
     lo, hi = window[0]["ts"], window[-1]["ts"] + window[-1]["dur"]
@@ -167,10 +173,13 @@ def plot_trace(trace_path: Path, output_dir: Path, steps_shown: int = 4) -> list
     ax.set_title(f"{len(window)} training steps of epoch {last_epoch} (vertical lines: step starts)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(rows) < 5 else -0.12), ncol=7, fontsize=8, frameon=False)
     fig.tight_layout()
-    timeline = output_dir / "timeline.png"
     fig.savefig(timeline, dpi=100)
     plt.close(fig)
+    return timeline
 
+
+def _step_bars(plt, events: list, bars: Path) -> Path:
+    """A stacked bar per process: where the average traced step goes."""
     breakdown = step_breakdown(events)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(breakdown) + 1.6))
     labels = list(breakdown)
@@ -187,7 +196,6 @@ def plot_trace(trace_path: Path, output_dir: Path, steps_shown: int = 4) -> list
     ax.set_title("where a step goes, per process")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
-    bars = output_dir / "steps.png"
     fig.savefig(bars, dpi=100)
     plt.close(fig)
-    return [timeline, bars]
+    return bars

@@ -3,12 +3,17 @@ process tree (the numbers metrics.jsonl records)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Optional
 
 import psutil
+
+from .events import Listener, StepDone
+from .kernels import KIND
 
 
 def write(stream, text: str) -> bool:
@@ -36,8 +41,9 @@ def silence(stream) -> None:
         pass
 
 
-class Progress:
-    """A live line on a terminal (stderr); nothing between epochs otherwise; silent with --quiet."""
+class Progress(Listener):
+    """A live line on a terminal (stderr); nothing between epochs otherwise; silent with --quiet.
+    As a run's listener it says what the run is doing: the lines `make train` shows."""
 
     def __init__(self, quiet: bool):
         self.live = not quiet and sys.stderr is not None and sys.stderr.isatty()
@@ -65,6 +71,32 @@ class Progress:
         self.say(f"epoch {m['epoch']:>2}/{epochs}  train loss {m['train_loss']:.4f} acc {100 * m['train_accuracy']:.2f}%  "
                  f"test loss {m['test_loss']:.4f} acc {100 * m['test_accuracy']:.2f}%  {m['epoch_seconds']:5.1f}s  "
                  f"{m['examples_per_second']:,.0f} ex/s  serial {m['serial_ms_per_step']:.1f} ms/step  rss {m['peak_rss_mb']:.0f} MB")
+
+    # ---- a run's events ----
+
+    def started(self, run) -> None:
+        if run.resumed:
+            self.say(f"resuming {run.run_dir} at epoch {run.epoch + 1}, step {run.step}")
+        self.say(f"python: {run.python} ({KIND} kernels); backend: {run.config.backend}")
+        self.say(f"config: {json.dumps(asdict(run.config))}")
+
+    def step_done(self, run, s: StepDone) -> None:
+        self.step(s.epoch, s.epochs, s.step, s.steps, s.seen, s.seconds, s.running_loss)
+
+    def epoch_done(self, run, metrics: dict) -> None:
+        self.epoch(metrics, run.config.epochs)
+
+    def stopped(self, run) -> None:
+        self.say(f"interrupted: saved {run.run_dir / 'checkpoint.json'} at epoch {run.epoch + 1}, "
+                 f"step {run.step}; continue with --resume {run.run_dir}")
+
+    def failed(self, run, error: BaseException) -> None:
+        self.clear()
+
+    def finished(self, run) -> None:
+        self.say(f"saved {run.run_dir / 'weights.json'}, metrics in {run.run_dir / 'metrics.jsonl'}")
+
+    # ---- lines ----
 
     def say(self, message: str) -> None:
         """A line on stdout (what the run reports), unless --quiet."""

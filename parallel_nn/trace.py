@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import UserError, atomic
+from .events import Listener
 
 Span = tuple[str, int, int]  # (name, start ns, end ns) on the recording process's clock
 
@@ -56,8 +57,9 @@ class _Timed:
             self.recorder.spans.append((self.name, self.start, now()))
 
 
-class Tracer:
-    """The parent's side: its own spans, the workers' spans it is handed, and the file."""
+class Tracer(Listener):
+    """The parent's side: its own spans, the workers' spans it is handed, and the file. As a run's
+    listener it records the first `steps` steps of each epoch, and every evaluation."""
 
     def __init__(self, path: str | Path, steps: int = 30):
         self.path, self.steps = Path(path), steps
@@ -73,6 +75,12 @@ class Tracer:
             atomic.write_json(self.path, {"traceEvents": []})
         except (OSError, UserError) as e:
             raise UserError(f"--trace {self.path}: cannot write there ({e})") from None
+
+    def step_starting(self, run) -> None:
+        self.active = run.step < self.steps
+
+    def evaluating(self, run) -> None:
+        self.active = True
 
     def span(self, name: str, **args) -> "_ParentSpan":
         return _ParentSpan(self, name, args)
@@ -111,7 +119,7 @@ class _ParentSpan:
             self.tracer.add(0, self.name, self.start, now(), **self.args)
 
 
-class NoTracer:
+class NoTracer(Listener):
     """What an engine holds when tracing is off: every call is a no-op."""
 
     active = False

@@ -1,4 +1,4 @@
-"""The training run: epochs of data-parallel SGD steps, evaluation, metrics and checkpoints.
+"""Starting a training run: settings, the run directory, the data and the engine (the loop is run.py).
 
 A run directory holds config.json, metrics.jsonl (one line per epoch), weights.json (latest) and
 checkpoint.json (enough to resume bit-for-bit). Ctrl-C or SIGTERM does not interrupt a step: it
@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
-import random
 import signal
-import sys
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from . import UserError, atomic, faults, mnist, rundir, trace
-from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from .backends import create_engine
+from .checkpoint import load_checkpoint, load_model
+from .engine import Watchdog
+from .events import Listener, OnStep
+from .kernels import interpreter
 from .network import Model, he_init, layer_sizes
-from .optim import DEFAULT_LR, SCHEDULES, Optimizer, learning_rate
-from .progress import Progress, tree_pss_mb, tree_rss_mb
+from .optim import DEFAULT_LR, SCHEDULES
+from .progress import Progress
 from .rundir import RunLock
-from .engine import SerialTimer, StopRequested, Watchdog, create_engine
-from .kernels import KIND, interpreter
+from .run import Interrupted, Run, RunFiles  # noqa: F401 (Interrupted: what callers of train() catch)
 
 
 @dataclass
@@ -93,10 +92,6 @@ class Config:
         return f"{', '.join(bad)} out of range or of the wrong type" if bad else None
 
 
-class Interrupted(Exception):
-    """The run was stopped by Ctrl-C or SIGTERM after saving a checkpoint."""
-
-
 class StopFlag:
     """SIGINT, SIGTERM and SIGHUP (a closed terminal, a dropped SSH session) set a flag checked
     between steps; a second signal raises KeyboardInterrupt."""
@@ -130,14 +125,6 @@ class _written:
     def __exit__(self, *exc):
         if isinstance(self.tracer, trace.Tracer):
             self.tracer.write()
-
-
-def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """The example order of one epoch: a pure function of (seed, epoch), so resume needs no RNG state."""
-    order = list(range(count))
-    if shuffle:
-        random.Random(f"parallel_nn/shuffle/{seed}/{epoch}").shuffle(order)
-    return order
 
 
 def refusal(run_dir) -> str:
@@ -235,11 +222,13 @@ def claimed(run_dir: Optional[str], resume: Optional[str], overwrite: bool):
 
 
 def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callable[[int, int], None]] = None,
-          overwrite: bool = False, given: Optional[set] = None) -> list[dict]:
-    """Run (or resume) training; returns the metrics of every epoch. `on_step(epoch, step)` is for tests.
+          overwrite: bool = False, given: Optional[set] = None, listeners: Sequence[Listener] = ()) -> list[dict]:
+    """Run (or resume) training; returns the metrics of every epoch.
 
     `overwrite`: replace a run already in config.run_dir (otherwise such a directory is refused).
     `given`: on resume, which run-anywhere settings the command line set (see prepare).
+    `listeners` (events.Listener) follow the run, after its own files, progress line and trace;
+    `on_step(epoch, step)` is called after every step (for tests).
     """
     # the stop flag first: a signal while the data loads or the engine starts still ends in a checkpoint
     with StopFlag() as stop, claimed(config.run_dir, resume, overwrite) as run_dir:
@@ -251,12 +240,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             progress.note(f"{resume} has finished its {checkpoint['epoch']} epochs; nothing to do. To train it further: "
                           f"--resume {resume} --epochs N, with N > {checkpoint['epoch']}")
             return checkpoint.get("metrics", [])
-        train_set, test_set = load_data(config.data_dir, resume)
-        data_sha256 = fingerprint(train_set, test_set)
-        if checkpoint and checkpoint.get("data_sha256") not in (None, data_sha256):
-            raise UserError(f"the MNIST files in {config.data_dir} are not the ones this run was trained on; "
-                            "pass --data-dir with the run's data")
-        train_set, test_set = train_set.limit(config.limit_train), test_set.limit(config.limit_test)
+        train_set, test_set, data_sha256 = run_data(config, checkpoint, resume)
         # an unwritable --trace path fails here, with nothing written
         config.trace = config.trace and os.path.abspath(config.trace)  # so `plot RUN_DIR` finds it from anywhere
         tracer = trace.optional(config.trace, config.trace_steps)
@@ -271,172 +255,18 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             if overwrite:
                 rundir.clear(run_dir)
             atomic.write_json(run_dir / "config.json", {**asdict(config), "python": interpreter()}, indent=2)
-            run = Run(config, model, checkpoint, engine, data, run_dir, tracer, progress, stop, on_step)
-            run.data_sha256 = data_sha256
-            return run.fit()
+            hooks = [RunFiles(), progress, tracer, *listeners] + ([OnStep(on_step)] if on_step else [])
+            return Run(config, model, checkpoint, engine, data, run_dir, stop, tracer, hooks, data_sha256).fit()
 
 
-class Run:
-    """One run on a started engine: epochs of data-parallel steps, an evaluation after each, and a
-    checkpoint after each evaluation and whenever the run stops (a signal, a failed engine)."""
-
-    def __init__(self, config: Config, model: Model, checkpoint: Optional[dict], engine, data: tuple, run_dir: Path,
-                 tracer, progress: Progress, stop: StopFlag, on_step: Optional[Callable[[int, int], None]]):
-        self.config, self.sizes, self.engine, self.run_dir = config, model.sizes, engine, run_dir
-        self.tracer, self.progress, self.stop, self.on_step = tracer, progress, stop, on_step
-        self.train_count, self.test_labels = data
-        self.params = model.params
-        self.optimizer = Optimizer(config.optimizer, len(model.params), momentum=config.momentum,
-                                   weight_decay=config.weight_decay)
-        self.epoch, self.step, self.partial, self.history = 0, 0, fresh_sums(), []
-        if checkpoint:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
-            self.partial, self.history = checkpoint["partial"], checkpoint.get("metrics", [])
-            progress.say(f"resuming {run_dir} at epoch {self.epoch + 1}, step {self.step}")
-        self.steps_per_epoch = -(-self.train_count // config.batch_size)
-        if self.step > self.steps_per_epoch:
-            raise UserError(f"{run_dir / 'checkpoint.json'}: step {self.step} is past the end of an epoch of "
-                            f"{self.steps_per_epoch} steps (corrupt or edited checkpoint)")
-        self.python = interpreter()
-        self.data_sha256: Optional[str] = None
-        progress.say(f"python: {self.python} ({KIND} kernels); backend: {config.backend}")
-        progress.say(f"config: {json.dumps(asdict(config))}")
-
-    def fit(self) -> list[dict]:
-        self.engine.stop_requested = lambda: self.stop.requested
-        self.engine.tracer = self.tracer
-        self.engine.set_params(self.params)
-        self.peak_rss = tree_rss_mb(self.engine.worker_pids())
-        if self.step or self.epoch:
-            faults.point("resume")
-        while self.epoch < self.config.epochs:
-            self.run_epoch()
-            faults.point("epoch")
-        self.progress.say(f"saved {self.run_dir / 'weights.json'}, metrics in {self.run_dir / 'metrics.jsonl'}")
-        return self.history
-
-    def run_epoch(self) -> None:
-        order = epoch_order(self.train_count, self.config.seed, self.epoch, self.config.shuffle)
-        self.started = time.perf_counter() - self.partial["seconds"]
-        self.engine.serial = SerialTimer()
-        self.steps_timed, sent, received = 0, self.engine.bytes_sent, self.engine.bytes_received
-        while self.step < self.steps_per_epoch:
-            if self.stop.requested:
-                raise self.stopped()
-            self.one_step(order)
-        # the steps' traffic, not evaluation's
-        traffic = (self.engine.bytes_sent - sent, self.engine.bytes_received - received)
-        self.tracer.active = True  # every evaluation is traced
-        with self.tracer.span("evaluate", epoch=self.epoch + 1):
-            test_loss, predictions = self.guarded(self.engine.evaluate)
-        self.history.append(self.metrics(time.perf_counter() - self.started, test_loss, predictions, traffic))
-        self.epoch, self.step, self.partial = self.epoch + 1, 0, fresh_sums()
-        self.save()
-        self.progress.epoch(self.history[-1], self.config.epochs)
-
-    def one_step(self, order: list[int]) -> None:
-        config, step = self.config, self.step
-        batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-        augment = None
-        if config.shift or config.rotate:  # drawn per (seed, epoch, step): the same whatever the worker count
-            augment = mnist.random_augment(len(batch), config.shift, config.rotate,
-                                           f"parallel_nn/shift/{config.seed}/{self.epoch}/{step}")
-        self.tracer.active = step < config.trace_steps
-        with self.tracer.span("step", epoch=self.epoch + 1, step=step):
-            grad_sum, loss, correct = self.guarded(lambda: self.engine.gradient(batch, augment))
-            if not math.isfinite(loss):
-                raise self.diverged()
-            with self.engine.serial, self.tracer.span("update"):
-                scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
-                self.params = self.optimizer.step(self.params, grad_sum, self.rate(step), scale)
-                self.engine.set_params(self.params)
-            faults.point("update")
-        self.steps_timed += 1
-        self.partial["loss"] += loss
-        self.partial["correct"] += correct
-        self.partial["seen"] += len(batch)
-        self.step += 1
-        if self.step % 20 == 0:
-            self.peak_rss = max(self.peak_rss, tree_rss_mb(self.engine.worker_pids()))
-        self.progress.step(self.epoch + 1, config.epochs, self.step, self.steps_per_epoch, self.partial["seen"],
-                           time.perf_counter() - self.started, self.partial["loss"] / self.partial["seen"])
-        if self.on_step:
-            self.on_step(self.epoch, self.step)
-
-    def rate(self, step: int) -> float:
-        c = self.config
-        return learning_rate(c.resolved_lr(), c.lr_schedule, self.epoch, step, self.steps_per_epoch, c.epochs)
-
-    def guarded(self, call: Callable):
-        """An engine call; if it fails, the run is saved where it stands (before this step) first."""
-        try:
-            return call()
-        except StopRequested:  # the group's SIGTERM or SIGHUP reached the workers too
-            raise self.stopped() from None
-        except Exception:
-            self.progress.clear()
-            self.save_partial()
-            raise
-
-    def metrics(self, seconds: float, test_loss: float, predictions: list[int], traffic: tuple[int, int]) -> dict:
-        partial, engine, steps = self.partial, self.engine, max(1, self.steps_timed)
-        tested = max(1, len(self.test_labels))
-        self.peak_rss = max(self.peak_rss, tree_rss_mb(engine.worker_pids()))
-        pss = tree_pss_mb(engine.worker_pids())
-        return {
-            "epoch": self.epoch + 1,
-            "train_loss": partial["loss"] / partial["seen"],
-            "train_accuracy": partial["correct"] / partial["seen"],
-            "test_loss": test_loss / tested,
-            "test_accuracy": sum(p == y for p, y in zip(predictions, self.test_labels)) / tested,
-            "epoch_seconds": round(seconds, 3),
-            "examples_per_second": round(partial["seen"] / seconds, 1),
-            "workers": engine.workers,
-            "peak_rss_mb": round(self.peak_rss, 1),
-            "pss_mb": None if pss is None else round(pss, 1),
-            # the parent's serial path per step (dispatch + combine + update): CPU, and wall time
-            "serial_ms_per_step": round(1000 * engine.serial.cpu / steps, 3),
-            "serial_wall_ms_per_step": round(1000 * engine.serial.wall / steps, 3),
-            "lr": self.rate(self.steps_per_epoch - 1),  # the epoch's last step's (a resumed evaluation has no step)
-            "python": self.python,
-            "backend": self.config.backend,
-            "nodes": engine.nodes(),
-            "bytes_sent_per_step": round(traffic[0] / steps),
-            "bytes_received_per_step": round(traffic[1] / steps),
-        }
-
-    def save(self) -> None:
-        """The checkpoint first: it alone is enough to resume (and to rewrite the other two), so a
-        failure after it (a full disk) loses nothing. Weights that are not finite are never saved."""
-        if not all(map(math.isfinite, self.params)):
-            raise self.diverged()
-        now = Model(self.sizes, self.params)
-        with self.tracer.span("checkpoint"):
-            save_checkpoint(self.run_dir / "checkpoint.json", now, {
-                "config": asdict(self.config), "epoch": self.epoch, "step": self.step, "partial": self.partial,
-                "optimizer": self.optimizer.state_dict(), "metrics": self.history, "data_sha256": self.data_sha256})
-            save_model(self.run_dir / "weights.json", now)
-            atomic.write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
-
-    def save_partial(self) -> None:
-        self.partial["seconds"] = time.perf_counter() - self.started
-        self.save()
-
-    def stopped(self) -> Interrupted:
-        self.save_partial()
-        self.progress.say(f"interrupted: saved {self.run_dir / 'checkpoint.json'} at epoch {self.epoch + 1}, "
-                          f"step {self.step}; continue with --resume {self.run_dir}")
-        return Interrupted()
-
-    def diverged(self) -> UserError:
-        return UserError(f"diverged at epoch {self.epoch + 1} step {self.step}: the loss or the weights are no longer "
-                         f"finite numbers; lower --lr (the last checkpoint in {self.run_dir}, if any, is kept)")
-
-
-def fresh_sums() -> dict:
-    """An epoch's running sums: training loss, correct answers, examples seen, seconds spent."""
-    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+def run_data(config: Config, checkpoint: Optional[dict], resume: Optional[str]) -> tuple:
+    """(training split, test split, SHA-256 of the whole data) for the run, checked against a resumed run's."""
+    train_set, test_set = load_data(config.data_dir, resume)
+    data_sha256 = fingerprint(train_set, test_set)
+    if checkpoint and checkpoint.get("data_sha256") not in (None, data_sha256):
+        raise UserError(f"the MNIST files in {config.data_dir} are not the ones this run was trained on; "
+                        "pass --data-dir with the run's data")
+    return train_set.limit(config.limit_train), test_set.limit(config.limit_test), data_sha256
 
 
 def evaluate(weights: str, data_dir: str, workers: int, start_method: Optional[str] = None,

@@ -58,58 +58,89 @@ def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
     # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
     parent_pid = os.getppid()
     die_with_parent()
-    segments = {key: handle.attach() for key, handle in spec["segments"].items()}
-    sizes, pixels = spec["sizes"], spec["pixels"]
-    size = parameter_count(sizes)
-    params = segments["params"].buf  # raw float64 bytes: floats() reads them in bulk
-    my_slot = slot_views(segments["slots"].buf, size, spec["workers"])[slot].cast("d")
-    reduced = segments["reduced"].buf.cast("d") if barrier is not None else None
-    # this worker's slice of the reduction (the same contiguous split as the shards), in every slot
-    bounds = shard(range(size), spec["workers"])[slot]
-    my_start, my_stop = (bounds[0], bounds[-1] + 1) if bounds else (0, 0)
-    my_parts = slot_views(segments["slots"].buf, size, spec["workers"], my_start, my_stop) if barrier is not None else []
-    data = segments["data"].buf
-    train_images, train_labels, test_images, test_labels = (data[a : a + n] for a, n in spec["layout"])
-    views = [v for v in (params, my_slot, *my_parts, reduced, data, train_images, train_labels, test_images, test_labels)
-             if v is not None]
+    shared = Shared(spec, slot, barrier is not None)
     try:
-        while True:
-            if not conn.poll(1.0):
-                if os.getppid() != parent_pid:
-                    return
-                continue
-            message = conn.recv()
-            if message is None:
-                return
-            try:
-                rec = Recorder(message[-1])
-                if message[0] == "grad":
-                    _, packed, augment, _ = message
-                    faults.point("compute")
-                    with rec.span("read weights"):
-                        weights = floats(params)
-                    flat, loss, correct = shard_gradient(weights, sizes, train_images, train_labels, unpack_indices(packed),
-                                                         pixels, augment, rec)
-                    with rec.span("write slot"):
-                        my_slot[:] = flat
-                    if barrier is not None:
-                        with rec.span("barrier"):
-                            barrier.wait(slot, lambda: os.getppid() == parent_pid)  # every slot is written
-                        with rec.span("reduce slice"):
-                            reduced[my_start:my_stop] = array("d", reduce_sums(my_parts))
-                    conn.send(("ok", loss, correct, rec.spans))
-                else:
-                    _, start, stop, _ = message
-                    faults.point("worker evaluate")
-                    with rec.span("evaluate"):
-                        result = shard_predictions(floats(params), sizes, test_images, test_labels, start, stop, pixels)
-                    conn.send(("ok", *result, rec.spans))
-            except Exception:
-                conn.send(("error", traceback.format_exc()))
+        serve(conn, Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid))
     except (EOFError, OSError):
         return  # the parent closed the pipe
     finally:
-        for view in views:
-            view.release()
-        for segment in segments.values():
+        shared.close()
+
+
+def serve(conn, work: "Shard") -> None:
+    """Answer the parent's messages until it sends None or goes away."""
+    while True:
+        if not conn.poll(1.0):
+            if not work.parent_alive():
+                return
+            continue
+        message = conn.recv()
+        if message is None:
+            return
+        try:
+            rec = Recorder(message[-1])
+            if message[0] == "grad":
+                loss, correct = work.gradient(message[1], message[2], rec)
+                conn.send(("ok", loss, correct, rec.spans))
+            else:
+                faults.point("worker evaluate")
+                with rec.span("evaluate"):
+                    result = work.predictions(message[1], message[2])
+                conn.send(("ok", *result, rec.spans))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+class Shared:
+    """This worker's views of the shared segments (see local.py), attached once, released at the end."""
+
+    def __init__(self, spec: dict, slot: int, reducing: bool):
+        self.segments = {key: handle.attach() for key, handle in spec["segments"].items()}
+        size, workers = parameter_count(spec["sizes"]), spec["workers"]
+        self.params = self.segments["params"].buf  # raw float64 bytes: floats() reads them in bulk
+        self.slot = slot_views(self.segments["slots"].buf, size, workers)[slot].cast("d")
+        self.reduced = self.segments["reduced"].buf.cast("d") if reducing else None
+        # this worker's slice of the reduction (the same contiguous split as the shards), in every slot
+        bounds = shard(range(size), workers)[slot]
+        self.start, self.stop = (bounds[0], bounds[-1] + 1) if bounds else (0, 0)
+        self.parts = slot_views(self.segments["slots"].buf, size, workers, self.start, self.stop) if reducing else []
+        self.data = self.segments["data"].buf
+        self.splits = [self.data[a : a + n] for a, n in spec["layout"]]  # train images, labels, test images, labels
+
+    def close(self) -> None:
+        for view in (self.params, self.slot, *self.parts, self.reduced, self.data, *self.splits):
+            if view is not None:
+                view.release()
+        for segment in self.segments.values():
             segment.close()
+
+
+class Shard:
+    """What a worker computes: its shard's gradient sum into its slot (and, reducing, its slice of
+    the sum over every slot), or its test examples' predictions."""
+
+    def __init__(self, shared: Shared, spec: dict, slot: int, barrier, parent_alive):
+        self.shared, self.sizes, self.pixels = shared, spec["sizes"], spec["pixels"]
+        self.slot, self.barrier, self.parent_alive = slot, barrier, parent_alive
+
+    def gradient(self, packed: bytes, augment, rec: Recorder) -> tuple[float, int]:
+        shared = self.shared
+        train_images, train_labels = shared.splits[:2]
+        faults.point("compute")
+        with rec.span("read weights"):
+            weights = floats(shared.params)
+        flat, loss, correct = shard_gradient(weights, self.sizes, train_images, train_labels, unpack_indices(packed),
+                                             self.pixels, augment, rec)
+        with rec.span("write slot"):
+            shared.slot[:] = flat
+        if self.barrier is not None:
+            with rec.span("barrier"):
+                self.barrier.wait(self.slot, self.parent_alive)  # every slot is written
+            with rec.span("reduce slice"):
+                shared.reduced[shared.start:shared.stop] = array("d", reduce_sums(shared.parts))
+        return loss, correct
+
+    def predictions(self, start: int, stop: int) -> tuple[float, list[int]]:
+        test_images, test_labels = self.shared.splits[2:]
+        return shard_predictions(floats(self.shared.params), self.sizes, test_images, test_labels, start, stop,
+                                 self.pixels)

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from bench import textbook
-from parallel_nn import gradcheck, loops, mnist, network, tensor
+from parallel_nn import gradcheck, loops, network, tensor
 from parallel_nn.tensor import SparseMatrix
 
 

@@ -6,7 +6,6 @@ import fcntl
 import json
 import math
 import os
-import pty
 import select
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from bench import textbook
 from parallel_nn import UserError, atomic, mnist, rundir
 from parallel_nn.checkpoint import load_checkpoint, load_model, save_model
+from parallel_nn.events import Listener
 from parallel_nn.network import Model, he_init
 from parallel_nn.train import Config, train
 from tests.test_faults import ARGS, Trainer
@@ -140,22 +140,22 @@ def test_a_diverging_run_stops_and_leaves_only_readable_files(tiny_data, tmp_pat
         assert "NaN" not in text and "Infinity" not in text, path
     # a run that diverges later keeps its last finite checkpoint, which loads
     with pytest.raises(UserError, match="diverged at epoch 2 step 2"):
-        train(config(tiny_data, tmp_path / "later", epochs=2), on_step=poison_after(1, 1))
+        train(config(tiny_data, tmp_path / "later", epochs=2), listeners=[PoisonAfter(1, 1)])
     _, checkpoint = load_checkpoint(tmp_path / "later" / "checkpoint.json")  # epoch 1's, finite
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
     load_model(tmp_path / "later" / "weights.json")
 
 
-def poison_after(epoch, step):
-    """An on_step hook that makes the weights infinite after (epoch, step), as an overflow would."""
-    import inspect
+class PoisonAfter(Listener):
+    """Makes the weights infinite after (epoch, step) (0-based epoch, steps done), as an overflow would."""
 
-    def hook(e, s):
-        if (e, s) > (epoch, step):
-            run = inspect.currentframe().f_back.f_locals["self"]
+    def __init__(self, epoch, step):
+        self.after = (epoch, step)
+
+    def step_done(self, run, step):
+        if (run.epoch, run.step) > self.after:
             run.params = [math.inf] * len(run.params)
             run.engine.set_params(run.params)
-    return hook
 
 
 def test_a_stopped_worker_is_replaced_and_the_run_ends_bit_identical(tiny_data, tmp_path):

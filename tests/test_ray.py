@@ -136,7 +136,7 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_bit_identical(cluster, tiny
         engine.set_params(params)
         for step in range(5):
             if step == 2:  # SIGKILL one actor's process while the step runs
-                victim = engine._where[engine._actors[1]][2]
+                victim = engine.actors.where[engine.actors.live[1]][2]
                 threading.Timer(0.02, os.kill, (victim, signal.SIGKILL)).start()
             grad, _, _ = engine.gradient(range(step * 200, step * 200 + 300))
             params = optimizer.step(params, grad, 0.1, 1 / 300)
@@ -428,10 +428,10 @@ def test_a_lost_node_shrinks_the_run_and_a_new_node_grows_it_back(cluster, tiny_
             if step == 5:
                 cluster.worker_nodes_list.append(cluster.add_node(num_cpus=1))
                 deadline = time.monotonic() + 30
-                while not ray.wait(list(engine._probes), timeout=0)[0] and time.monotonic() < deadline:
+                while not ray.wait(list(engine.actors._probes), timeout=0)[0] and time.monotonic() < deadline:
                     time.sleep(0.2)
             grad, _, _ = engine.gradient(range(step * 100, step * 100 + 300))
-            sizes.append(len(engine._actors))
+            sizes.append(len(engine.actors.live))
             params = optimizer.step(params, grad, 0.1, 1 / 300)
             engine.set_params(params)
     assert sizes[:2] == [3, 3] and 2 in sizes[2:5] and sizes[-1] == 3, sizes

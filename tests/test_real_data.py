@@ -1,6 +1,9 @@
 """Checks on the real MNIST files: skipped cleanly when they are absent (CI fetches them)."""
 
 import hashlib
+import sys
+
+import pytest
 
 from bench import textbook
 from parallel_nn import mnist
@@ -35,3 +38,22 @@ def test_real_data_one_sgd_step_equals_the_textbook(real_data, tmp_path):
     moved = [(a - s) / -lr for a, s in zip(after.params, start.params)]  # the step, divided by -lr
     scale = max(abs(g) for g in flat_grad)
     assert max(abs(m - g) for m, g in zip(moved, flat_grad)) <= 1e-9 * scale
+
+
+# SHA-256 of weights.json after the run below, recorded by the code before the trainer became a
+# Run with listeners (commit 427bf40): the refactor must not move a bit. Per interpreter, since the
+# kernels differ (loops on PyPy; C-level idioms on CPython, whose float sum changed in 3.12).
+RECORDED_WEIGHTS = {
+    ("pypy", (3, 9)): "b4523b055b5a40ed9d730ceedad5220607eeac6fdf109b3e88f0aa1ca8ff57b1",
+    ("cpython", (3, 11)): "c1bc88bcc5db39444580a826e4e836506c593595876b745575fcebf6dc62757f",
+    ("cpython", (3, 12)): "588f829a2286f83aaa9af8d59f8fc0c5e71f8a71fbeddd1e7bda70659de35236",
+}
+
+
+def test_real_data_a_short_run_ends_with_the_recorded_weights(real_data, tmp_path):
+    recorded = RECORDED_WEIGHTS.get((sys.implementation.name, sys.version_info[:2]))
+    if recorded is None:
+        pytest.skip(f"no weights recorded for {sys.implementation.name} {sys.version_info[:2]}")
+    train(Config(workers=2, epochs=2, limit_train=3000, limit_test=500, rotate=5, data_dir=str(real_data),
+                 run_dir=str(tmp_path / "run"), quiet=True))
+    assert hashlib.sha256((tmp_path / "run" / "weights.json").read_bytes()).hexdigest() == recorded

@@ -1,0 +1,78 @@
+"""The house rules, checked: imports point down (no circle), functions and classes stay short."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "parallel_nn"
+MAX_FUNCTION_LINES = 50
+MAX_CLASS_LINES = 200
+
+
+def imports_of(path: Path) -> set[str]:
+    """The package's modules that `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from . import x / from .x import y
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists())
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("parallel_nn."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {p.stem: imports_of(p) - {p.stem} for p in PACKAGE.glob("*.py")}
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle, as the modules around it, or [] if there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        state[module] = 1
+        for nxt in sorted(graph.get(module, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [module, nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[module] = 2
+        return []
+
+    for module in sorted(graph):
+        if module not in state:
+            found = visit(module, [module])
+            if found:
+                return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_package_imports_have_no_circle():
+    graph = import_graph()
+    assert graph["backends"] >= {"local", "ray_backend"}  # the parser sees function-level imports too
+    assert not cycle(graph), f"import circle: {' -> '.join(cycle(graph))}"
+
+
+def test_the_shared_engine_module_knows_no_backend():
+    assert not import_graph()["engine"] & {"local", "ray_backend", "worker", "ray_worker", "backends"}
+
+
+def test_functions_and_classes_are_short():
+    long = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = {ast.ClassDef: MAX_CLASS_LINES, ast.FunctionDef: MAX_FUNCTION_LINES}.get(type(node))
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, f"over {MAX_FUNCTION_LINES} lines (functions) or {MAX_CLASS_LINES} (classes): {long}"
