@@ -131,10 +131,7 @@ def main() -> None:
     doubling = [w for w in (1, 2, 4, 8, 16, 32, 64) if w < cores] + [cores]
     counts = [int(w) for w in args.workers.split(",")] if args.workers else doubling
     lines = table(counts, args.steps, args.rounds)
-    print("\n".join(lines))
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    data.report(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python -m bench.study smooth=0.1 -- --epochs 20 --lr-schedule onecycle --lr 0.4
 
 Each variant patches the trainer in this process before its workers start, and `--start-method
-fork` is added so the workers inherit the patch. None of them helped (README, "The study"), so
+fork` is added so the workers inherit the patch. None of them helped (docs/accuracy.md, "The study"), so
 they are kept here as measured alternatives rather than as options of the trainer (rotation,
 which did help, is the trainer's `--rotate`):
 

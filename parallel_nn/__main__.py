@@ -7,7 +7,7 @@ import sys
 # PyPy sizes its young generation from the L2 cache (1 MB on this project's machines), while one
 # training step allocates tens of MB: objects of a step in flight are promoted and then collected
 # by major collections, in the parent and in every worker. With 32 MB the step runs ~35% faster
-# on PyPy here (README, "Engine efficiency"). PyPy reads the setting only when it starts, so the
+# on PyPy here (docs/speed.md, "Engine efficiency"). PyPy reads the setting only when it starts, so the
 # trainer sets it and starts again (same pid, same terminal); workers inherit it. A value the
 # user set is kept.
 NURSERY = "32MB"

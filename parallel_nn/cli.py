@@ -139,7 +139,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=500, metavar="B", help="global mini-batch, split across the workers (default: %(default)s)")
     p.add_argument("--hidden", type=layer_list, default=[32, 32], metavar="32,32", help="hidden layer sizes (default: 32,32)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="nesterov",
-                   help="update rule (default: %(default)s, the best measured; see README)")
+                   help="update rule (default: %(default)s, the best measured; see docs/accuracy.md)")
     p.add_argument("--lr", type=positive_float, default=None, metavar="LR",
                    help="learning rate (default: per optimizer: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="step",

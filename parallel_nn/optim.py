@@ -12,7 +12,7 @@ from typing import Any
 from .kernels import momentum_update, sgd_update
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.15, "adam": 0.001}  # nesterov 0.15: measured (README, Accuracy)
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.15, "adam": 0.001}  # nesterov 0.15: measured (docs/accuracy.md)
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 

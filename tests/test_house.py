@@ -1,8 +1,12 @@
-"""The house rules, checked: imports point down (no circle), functions and classes stay short."""
+"""The house rules, checked: imports point down (no circle), functions and classes stay short, and
+the documented flag table is the command line's."""
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +80,42 @@ def test_functions_and_classes_are_short():
             if limit and node.end_lineno - node.lineno + 1 > limit:
                 long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, f"over {MAX_FUNCTION_LINES} lines (functions) or {MAX_CLASS_LINES} (classes): {long}"
+
+
+def documented_flags() -> set[str]:
+    """The flags in the first cell of each row of the README's flag table (the full list: shared/DESIGN.md)."""
+    flags = set()
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| `-"):
+            first = line.split("|")[1]
+            flags.update(re.findall(r"`(--?[a-z][a-z-]*)", first))
+    return flags
+
+
+def help_flags() -> set[str]:
+    out = subprocess.run([sys.executable, "-m", "parallel_nn", "--help"], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", out)) - {"--help"}
+
+
+def test_the_flag_table_is_the_command_line():
+    documented, offered = documented_flags(), help_flags()
+    assert len(documented) > 20  # the table was found
+    assert documented == offered, f"only documented: {sorted(documented - offered)}; only in --help: {sorted(offered - documented)}"
+
+
+def anchors(page: Path) -> set[str]:
+    """The #anchors GitHub gives the page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def test_the_readme_is_a_front_page_and_its_links_resolve():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            if "://" in target:
+                continue
+            linked = (page.parent / target) if target else page
+            assert linked.exists(), f"{page.name} links to {target}, which does not exist"
+            if anchor:
+                assert anchor in anchors(linked), f"{page.name} links to {target}#{anchor}: no such heading"

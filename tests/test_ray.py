@@ -2,7 +2,7 @@
 
 One cluster serves the module (a head with 0 CPUs, so actors run only on the worker nodes, plus
 3 nodes of 1 CPU each); the elastic test removes a node and adds one back. The token-authentication
-test starts its own head with `ray start --head`, as the README tells a user to; the watchdog test
+test starts its own head with `ray start --head`, as docs/cluster.md tells a user to; the watchdog test
 runs a private instance in a fresh interpreter. Each of those two gives its instance its own temp
 dir, by which all of its processes, and only them, are found and stopped afterwards. Skipped
 where Ray is not installed (it has no PyPy build): `pip install -e '.[ray]'`.
@@ -257,7 +257,7 @@ def gone(pid: int) -> bool:
 def clean_env(**extra) -> dict:
     """This environment without any Ray address or authentication settings, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS"))}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")  # loopback, as the README says
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")  # loopback, as docs/cluster.md says
     return {**env, **extra}
 
 

@@ -1,7 +1,10 @@
 """Checks on the real MNIST files: skipped cleanly when they are absent (CI fetches them)."""
 
 import hashlib
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,16 @@ def test_real_data_a_short_run_ends_with_the_recorded_weights(real_data, tmp_pat
     train(Config(workers=2, epochs=2, limit_train=3000, limit_test=500, rotate=5, data_dir=str(real_data),
                  run_dir=str(tmp_path / "run"), quiet=True))
     assert hashlib.sha256((tmp_path / "run" / "weights.json").read_bytes()).hexdigest() == recorded
+
+
+def test_real_data_the_python_examples_in_the_docs_run(real_data, tmp_path):
+    """Every ```python block of the README and docs/ runs as written, from a directory with the data where `make datasets` puts it."""
+    root = Path(__file__).resolve().parent.parent
+    blocks = [block for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+              for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
+    assert blocks
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "mnist").symlink_to(Path(real_data).resolve())
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{block}\n{done.stderr}"

@@ -205,7 +205,7 @@ def test_ray_backend_without_ray_names_the_extra(tiny_data, tmp_path):
 
 
 def test_the_defaults_are_the_studied_recipe():
-    """What the README's accuracy study chose: Nesterov at lr 0.15, step decay, one-pixel shifts."""
+    """What the accuracy study (docs/accuracy.md) chose: Nesterov at lr 0.15, step decay, one-pixel shifts."""
     from parallel_nn.cli import parse
 
     _, args = parse([])
