@@ -25,6 +25,7 @@ from parallel_nn import mnist, network
 from parallel_nn.kernels import interpreter
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
+from parallel_nn.update import make_update
 from parallel_nn.backends import create_engine
 from parallel_nn.engine import SerialTimer
 
@@ -57,17 +58,16 @@ def measure(workers: int, steps: int, reduce: str = "parent", backend: str = "lo
     del train, test
     with engine:
         ready_s = time.perf_counter() - started
-        engine.set_params(params)
+        update = make_update(reduce if backend == "local" else "parent", engine, optimizer, params)
         for _ in range(2):  # warm-up: first touches of the shared pages
-            engine.gradient(rng.sample(range(count), BATCH))
+            update.compute(rng.sample(range(count), BATCH), None, 0.1)
+            update.commit()
         engine.serial = SerialTimer()
         sent, received = engine.bytes_sent, engine.bytes_received
         start = time.perf_counter()
-        for _ in range(steps):
-            grad, _, _ = engine.gradient(rng.sample(range(count), BATCH))
-            with engine.serial:
-                params = optimizer.step(params, grad, 0.1, 1 / BATCH)
-                engine.set_params(params)
+        for _ in range(steps):  # the parent's update (or the sharded commit) is timed in engine.serial
+            update.compute(rng.sample(range(count), BATCH), None, 0.1)
+            update.commit()
         step_seconds = (time.perf_counter() - start) / steps
         sent, received = (engine.bytes_sent - sent) / steps, (engine.bytes_received - received) / steps
         t = time.perf_counter()
@@ -196,7 +196,7 @@ def main() -> None:
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {interpreter()}, data: {which}")
     rows = []
     counts = [int(w) for w in args.workers.split(",")]
-    plan = [(w, "parent", "local") for w in counts] + [(max(counts), "workers", "local")]
+    plan = [(w, "parent", "local") for w in counts] + [(max(counts), r, "local") for r in ("workers", "sharded")]
     plan += [(int(w), "parent", "ray") for w in args.ray.split(",")] if args.ray else []
     for workers, reduce, backend in plan:
         rows.append(measure(workers, args.steps, reduce, backend))

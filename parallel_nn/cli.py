@@ -129,8 +129,10 @@ def _execution_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-steps", type=positive_int, default=30, metavar="N",
                    help="steps traced at the start of each epoch, with --trace; evaluations are always traced (default: %(default)s)")
     p.add_argument("--reduce", action=Given, choices=REDUCERS, default="parent",
-                   help="who sums the workers' gradients: the parent, or the workers in parallel after a barrier "
-                        "(same result to the bit; default: %(default)s)")
+                   help="who sums the workers' gradients: the parent; the workers, in parallel after a barrier; "
+                        "or sharded: the workers, who then also apply the update to their own slice of the weights "
+                        "(for many cores: the parent's work per step no longer grows with the model). The same "
+                        "weights to the bit in every mode (default: %(default)s)")
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
@@ -211,7 +213,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
         if args.ray_address is not None and args.backend != "ray":
             parser.error("--ray-address needs --backend ray")
         if args.backend == "ray" and args.reduce != "parent":
-            parser.error("--reduce workers is a shared-memory reduction of the local backend; on Ray the driver reduces")
+            parser.error(f"--reduce {args.reduce} is a shared-memory reduction of the local backend; on Ray the driver reduces")
         if args.resume:
             # A resumed run computes what the saved one would have: only how it runs may change.
             may_change = {"resume", "epochs", "debug", "overwrite", "given", *RUNS_ANYWHERE}

@@ -9,7 +9,8 @@ sets, for the trainer (and so for its workers, which inherit the environment):
 
 Phases are the trace's names: the parent's "start" (the directory locked, nothing loaded yet), "dispatch", "wait", "reduce", "update", "evaluate",
 "epoch", "resume", "write <file> before rename" and "write <file> after rename"; a worker's
-"compute" and "worker evaluate". Faults: "sigint" (to the trainer), "sigterm" and "sighup" (to the
+"compute", "worker evaluate" and, with --reduce sharded, "worker update" (its slice of the new
+weights written, not yet its slice of the optimizer's state). Faults: "sigint" (to the trainer), "sigterm" and "sighup" (to the
 process group, as a terminal or `kill -- -PGID` would), "kill" (SIGKILL this process), "stop"
 (SIGSTOP this process), "raise" (an exception here), "enospc" (a full disk here).
 """

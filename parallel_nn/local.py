@@ -30,41 +30,46 @@ import pickle
 import signal
 import time
 from array import array
-from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
 from . import faults
 from .barrier import PipeBarrier
 from .engine import (Engine, StopRequested, WorkerCrashed, WorkerDied, WorkerError, batch_messages, eval_ranges,
-                     reduce_sums)
+                     pack_indices, reduce_sums)
 from .kernels import floats
-from .mnist import Split
+from .mnist import AUGMENT_BYTES, Split
 from .network import parameter_count
+from .optim import STATE_VECTORS
 from .shm import Segment
-from .worker import PARENTS_SIGNALS, slot_views, worker_main
+from .exchange import Exchange
+from .mailbox import EVAL, GRAD, STEP, STOP, Bell, Mailbox, encode, encode_batch
+from .worker import PARENTS_SIGNALS, STATE_SLOTS, slot_views, worker_main
 
 START_METHODS = ("fork", "spawn", "forkserver")
-REDUCERS = ("parent", "workers")
+REDUCERS = ("parent", "workers", "sharded")
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
-POLL = 0.25  # seconds between looks at the stop flag while waiting for the workers
-STOP_GRACE = 2.0  # seconds the step in flight may take to finish once a stop is requested
 
 
 class WorkerPool:
     """The shared segments and the worker processes on them: made, restarted and stopped.
 
-    After `start`, `params` is the weights' float64 view, `slots[k]` worker k's gradient slot (raw
-    bytes), `reduced` the reduce-scatter's result (reduce="workers" only), `conns[k]` and
-    `procs[k]` worker k's pipe and process.
+    After `start`, `weights[b]` is weights buffer b's float64 view (one buffer, or two with
+    reduce="sharded": the step reads one and the workers write the other), `state[b][j]` optimizer
+    state vector j of buffer b (sharded only), `slots[k]` worker k's gradient slot (raw bytes),
+    `reduced` the reduce-scatter's result (reduce="workers" only), `conns[k]` and `procs[k]`
+    worker k's pipe and process.
     """
 
     def __init__(self, context, sizes: Sequence[int], workers: int, reduce: str, pixels: int):
         self.context, self.sizes, self.workers, self.reduce, self.pixels = context, list(sizes), workers, reduce, pixels
         self.size = parameter_count(sizes)
+        self.buffers = 2 if reduce == "sharded" else 1
         self.segments: dict[str, Segment] = {}
         self.procs: list = []
         self.conns: list = []
+        self.sentinels: list = []
         self.barrier: PipeBarrier | None = None
+        self.bell: Bell | None = None
 
     def start(self, blobs: list) -> None:
         """Copy `blobs` (train images, labels, test images, labels) into shared memory; start the workers."""
@@ -72,10 +77,14 @@ class WorkerPool:
         for blob in blobs:
             self.layout.append((offset, len(blob)))
             offset += len(blob)
-        self.segments["params"] = Segment(8 * self.size)
+        self.segments["params"] = Segment(8 * self.size * self.buffers)
         self.segments["slots"] = Segment(8 * self.size * self.workers)
         if self.reduce == "workers":
             self.segments["reduced"] = Segment(8 * self.size)
+        if self.reduce == "sharded":
+            self.segments["state"] = Segment(8 * self.size * self.buffers * STATE_SLOTS)
+        if self.reduce != "parent":
+            self.segments["mailbox"] = Segment(Mailbox.size(self.workers, self.layout[1][1], AUGMENT_BYTES))
         self.segments["data"] = Segment(offset)
         data = self.segments["data"].buf
         for (start, length), blob in zip(self.layout, blobs):
@@ -84,10 +93,16 @@ class WorkerPool:
         # The parent never reads the data again: unmapping its copy leaves those pages charged
         # only to the workers that touch them. It keeps the descriptor, for workers started later.
         self.segments["data"].unmap()
-        self.params = self.segments["params"].buf.cast("d")
+        self.weights = slot_views(self.segments["params"].buf, self.size, self.buffers)
+        self.weights = [view.cast("d") for view in self.weights]
         self.slots = slot_views(self.segments["slots"].buf, self.size, self.workers)
         if self.reduce == "workers":
             self.reduced = self.segments["reduced"].buf.cast("d")
+        if self.reduce != "parent":
+            self.mailbox = Mailbox(self.segments["mailbox"].buf, self.workers)
+        if self.reduce == "sharded":
+            vectors = slot_views(self.segments["state"].buf, self.size, self.buffers * STATE_SLOTS)
+            self.state = [[v.cast("d") for v in vectors[b * STATE_SLOTS : (b + 1) * STATE_SLOTS]] for b in range(self.buffers)]
         self.spawn()
 
     def spawn(self) -> None:
@@ -97,10 +112,12 @@ class WorkerPool:
             "layout": self.layout,
             "pixels": self.pixels,
             "workers": self.workers,
+            "reduce": self.reduce,
         }
         # A fresh barrier per generation of workers: one broken by a death is never reused. Pipes,
         # not multiprocessing's named semaphores, which SIGKILL to the group would leave in /dev/shm.
-        self.barrier = PipeBarrier(self.workers) if self.reduce == "workers" else None
+        self.barrier = PipeBarrier(self.workers) if self.reduce != "parent" else None
+        self.bell = Bell() if self.reduce != "parent" else None
         self._start_helpers()
         # Workers start with SIGINT and SIGHUP blocked (a signal mask survives fork and exec), so a
         # Ctrl-C or a closed terminal while a spawned worker is still importing cannot kill it or
@@ -110,12 +127,13 @@ class WorkerPool:
         try:
             for k in range(self.workers):
                 parent_end, child_end = self.context.Pipe()
-                proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier),
+                proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier, self.bell),
                                             name=f"parallel_nn-worker-{k}", daemon=True)
                 proc.start()
                 child_end.close()
                 self.procs.append(proc)
                 self.conns.append(parent_end)
+                self.sentinels.append(proc.sentinel)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
@@ -142,7 +160,7 @@ class WorkerPool:
         if graceful:
             for conn in self.conns:
                 try:
-                    conn.send(None)
+                    conn.send_bytes(STOP)
                 except OSError:
                     pass
         deadline = time.monotonic() + (5.0 if graceful else 0.0)
@@ -156,10 +174,11 @@ class WorkerPool:
                 proc.join()
         for conn in self.conns:
             conn.close()
-        self.procs, self.conns = [], []
-        if self.barrier is not None:
-            self.barrier.close()
-            self.barrier = None
+        self.procs, self.conns, self.sentinels = [], [], []
+        for link in (self.barrier, self.bell):
+            if link is not None:
+                link.close()
+        self.barrier = self.bell = None
 
     def restart(self) -> None:
         self.stop(graceful=False)
@@ -168,15 +187,46 @@ class WorkerPool:
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, then close the parent's descriptors: the memory goes with the last user."""
         self.stop(graceful)
-        for name in ("params", "slots", "reduced"):
+        if hasattr(self, "mailbox"):
+            self.mailbox.buf.release()
+            del self.mailbox
+        for name in ("weights", "slots", "reduced", "state"):
             if hasattr(self, name):
                 views = getattr(self, name)
                 for view in views if isinstance(views, list) else [views]:
-                    view.release()
+                    for v in view if isinstance(view, list) else [view]:
+                        v.release()
                 delattr(self, name)
         for segment in self.segments.values():
             segment.close()  # a second close() is a no-op
         self.segments = {}
+
+
+    def reply(self, k: int) -> tuple[tuple, int]:
+        """Worker k's reply on its pipe, and its size; a WorkerError if it failed, WorkerDied if it is gone."""
+        try:
+            payload = self.conns[k].recv_bytes()
+        except (EOFError, OSError):  # its end of the pipe closed: it died
+            raise self.death(k)
+        reply = pickle.loads(payload)
+        if reply[0] == "error":
+            raise WorkerError(k, reply[1])
+        return reply, len(payload)
+
+    def silenced(self, silent: list[int], waited: float) -> WorkerDied:
+        """Workers that did not answer in time are as good as dead (stopped, deadlocked, swapped
+        out): kill them now (SIGKILL reaches a stopped process too), and let the step be redone."""
+        for k in silent:
+            self.procs[k].kill()
+        names = ", ".join(f"{k} (pid {self.procs[k].pid})" for k in silent)
+        return WorkerDied(f"worker {names} did not answer within {waited:.0f} s (--worker-timeout); killed it")
+
+    def death(self, k: int) -> WorkerDied:
+        proc = self.procs[k]
+        proc.join(1.0)  # the pipe and the sentinel signal a death before its exit status is collected
+        code = proc.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return WorkerDied(f"worker {k} (pid {proc.pid}) died: {how}")
 
 
 class LocalEngine(Engine):
@@ -195,6 +245,8 @@ class LocalEngine(Engine):
         self.size = parameter_count(sizes)
         self.context = mp.get_context(start_method)
         self.pool = WorkerPool(self.context, sizes, workers, reduce, self.pixels)
+        self.current = 0  # the weights buffer that holds the weights now (reduce="sharded" flips it each step)
+        self.exchange = Exchange(self)
 
     def start(self) -> None:
         train, test = self._splits
@@ -219,95 +271,12 @@ class LocalEngine(Engine):
     # ---- the step ----
 
     def set_params(self, params: Sequence[float]) -> None:
-        self.pool.params[:] = array("d", params)
+        self.pool.weights[self.current][:] = array("d", params)
 
-    def _run(self, messages: list, kind: str) -> dict[int, tuple]:
-        """Send each worker its message (None: nothing to do); collect the replies, watching for
-        deaths and for workers that stop answering (the watchdog's limit for this kind of work)."""
-        pending, sent = self._dispatch(messages)
-        faults.point("dispatch" if kind == "grad" else "evaluate")
-        with self.tracer.span("wait"):
-            replies = self._collect(pending, kind, sent)
-        for k in sorted(replies):
-            if replies[k][-1]:  # the worker's spans, on this machine's clock
-                self.tracer.worker(k, f"worker {k}", replies[k][-1])
-        return replies
-
-    def _dispatch(self, messages: list) -> tuple[dict, float]:
-        """({worker: its process sentinel} for each worker sent a message, when they were sent)."""
-        pending, sent = {}, time.perf_counter()
-        with self.serial, self.tracer.span("dispatch"):
-            for k, message in enumerate(messages):
-                if message is not None:
-                    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # what conn.send() does, counted
-                    try:
-                        self.pool.conns[k].send_bytes(payload)
-                    except OSError:
-                        raise WorkerDied(f"worker {k} is gone")
-                    pending[k] = self.pool.procs[k].sentinel
-                    self.bytes_sent += len(payload)
-        return pending, sent
-
-    def _collect(self, pending: dict, kind: str, sent: float) -> dict[int, tuple]:
-        """The replies of the `pending` workers, by worker; a stop request gives them STOP_GRACE."""
-        conns, replies = self.pool.conns, {}
-        deadline, stopping = sent + self.watchdog.limit(kind), False
-        while pending:
-            if not stopping and self.stop_requested():
-                # Ctrl-C stops within seconds: the step in flight gets STOP_GRACE to finish
-                stopping, deadline = True, min(deadline, time.perf_counter() + STOP_GRACE)
-            ready = set(wait([conns[k] for k in pending] + list(pending.values()),
-                             min(POLL, max(0.0, deadline - time.perf_counter()))))
-            if not ready:
-                if time.perf_counter() < deadline:
-                    continue
-                if stopping:
-                    for k in pending:
-                        self.pool.procs[k].kill()  # a worker that cannot answer is ended with the run
-                    raise StopRequested(f"stopped while worker {', '.join(map(str, sorted(pending)))} had not answered")
-                raise self._unresponsive(sorted(pending), deadline - sent)
-            for k in list(pending):
-                if conns[k] in ready:
-                    replies[k] = self._reply(k)
-                    del pending[k]
-                    self.watchdog.answered(kind, time.perf_counter() - sent)
-                elif pending[k] in ready:
-                    raise self._death(k)
-            if kind == "grad" and len(replies) == 1:
-                faults.point("wait")
-        return replies
-
-    def _reply(self, k: int) -> tuple:
-        try:
-            payload = self.pool.conns[k].recv_bytes()
-        except (EOFError, OSError):  # its end of the pipe closed: it died
-            raise self._death(k)
-        self.bytes_received += len(payload)
-        reply = pickle.loads(payload)
-        if reply[0] == "error":
-            raise WorkerError(k, reply[1])
-        return reply
-
-    def _unresponsive(self, silent: list[int], waited: float) -> WorkerDied:
-        """Workers that did not answer in time are as good as dead (stopped, deadlocked, swapped
-        out): kill them now (SIGKILL reaches a stopped process too), and let the step be redone."""
-        procs = self.pool.procs
-        for k in silent:
-            procs[k].kill()
-        names = ", ".join(f"{k} (pid {procs[k].pid})" for k in silent)
-        return WorkerDied(f"worker {names} did not answer within {waited:.0f} s (--worker-timeout); killed it")
-
-    def _death(self, k: int) -> WorkerDied:
-        proc = self.pool.procs[k]
-        proc.join(1.0)  # the pipe and the sentinel signal a death before its exit status is collected
-        code = proc.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return WorkerDied(f"worker {k} (pid {proc.pid}) died: {how}")
-
-    def _run_recovering(self, messages: list, kind: str) -> dict[int, tuple]:
+    def _run_recovering(self, messages, kind: str, meanwhile: Callable[[], None] | None = None) -> dict[int, tuple]:
         for attempt in range(MAX_RESTARTS + 1):
             try:
-                return self._run(messages, kind)
+                return self.exchange.run(messages, kind, meanwhile if attempt == 0 else None)
             except WorkerDied as e:
                 if self.stop_requested():  # stopping: the group's SIGTERM or SIGHUP reached the workers too
                     raise StopRequested(str(e)) from e
@@ -318,15 +287,14 @@ class LocalEngine(Engine):
                 self.pool.restart()
         raise AssertionError("unreachable")
 
-    def gradient(self, indices: Sequence[int], augment: bytes | None = None) -> tuple[list[float], float, int]:
+    def gradient(self, indices: Sequence[int], augment: bytes | None = None,
+                 meanwhile: Callable[[], None] | None = None) -> tuple[list[float], float, int]:
         """(sum over `indices` of the per-example gradients, flat; summed loss; number correct).
 
         `augment`: optional augmentation, mnist.AUGMENT_BYTES per example (mnist.decode_batch).
+        `meanwhile`: work for the parent while the workers compute (called once).
         """
-        # Every worker takes part in a workers' reduction (an empty shard contributes zeros).
-        messages = [None if m is None else ("grad", *m, self.tracer.active)
-                    for m in batch_messages(indices, augment, self.workers, everyone=self.reduce == "workers")]
-        replies = self._run_recovering(messages, "grad")
+        replies = self._run_recovering(self._messages(GRAD, indices, augment), "grad", meanwhile)
         faults.point("reduce")
         with self.serial, self.tracer.span("reduce"):
             done = sorted(replies)  # a fixed order: reproducible for a given worker count
@@ -338,11 +306,56 @@ class LocalEngine(Engine):
             correct = sum(replies[k][2] for k in done)
         return total, loss, correct
 
+    def _messages(self, kind: int, indices: Sequence[int], augment: bytes | None, **update):
+        """The step's messages: with a workers' reduction and no trace, one for everyone (the
+        mailbox's broadcast); otherwise one per worker (None: nothing to do). Every worker takes
+        part in a workers' reduction (an empty shard contributes zeros)."""
+        traced = self.tracer.active
+        with self.serial:
+            if self.pool.bell is not None and not traced:
+                message = encode_batch(kind, self.current, False, pack_indices(indices), augment, **update)
+                if self.pool.mailbox.fits(message):  # a batch larger than the training set (the API allows it) does not
+                    return message
+            return [None if m is None else encode_batch(kind, self.current, traced, *m, **update)
+                    for m in batch_messages(indices, augment, self.workers, everyone=self.reduce != "parent")]
+
+    # ---- reduce="sharded": the workers update their slices; the parent only says which step ----
+
+    def step(self, indices: Sequence[int], augment: bytes | None, lr: float, scale: float, t: int, settings: tuple,
+             meanwhile: Callable[[], None] | None = None) -> tuple[float, int]:
+        """(summed loss, number correct) of a step whose update the workers apply, each to its own
+        slice: optim.Optimizer(*settings) at step count `t`, learning rate `lr`, gradient scaled by
+        `scale`. The new weights are in the other buffer until `commit()`: a step that fails, or
+        diverges, leaves the weights as they were."""
+        if self.reduce != "sharded":
+            raise ValueError("step() is the sharded reduction's; use gradient()")
+        replies = self._run_recovering(self._messages(STEP, indices, augment, lr=lr, scale=scale, t=t, settings=settings),
+                                       "grad", meanwhile)
+        faults.point("reduce")
+        with self.serial:
+            done = sorted(replies)
+            return sum(replies[k][1] for k in done), sum(replies[k][2] for k in done)
+
+    def commit(self) -> None:
+        """The step's new weights and optimizer state become the current ones."""
+        self.current = 1 - self.current
+
+    def weights(self) -> list[float]:
+        return list(floats(self.pool.weights[self.current]))
+
+    def set_state(self, name: str, state: dict) -> None:
+        """Optimizer `name`'s per-parameter vectors (from optim.Optimizer.state_dict()), for the workers' updates."""
+        for j, key in enumerate(STATE_VECTORS[name]):
+            self.pool.state[self.current][j][:] = array("d", state[key])
+
+    def state(self, name: str) -> dict:
+        return {key: list(floats(self.pool.state[self.current][j])) for j, key in enumerate(STATE_VECTORS[name])}
+
     def evaluate(self, params: Sequence[float] | None = None) -> tuple[float, list[int]]:
         """(summed test loss, predicted class per test image), the test set split across the workers."""
         if params is not None:
             self.set_params(params)
-        replies = self._run_recovering([None if r is None else ("eval", *r, self.tracer.active)
+        replies = self._run_recovering([None if r is None else encode(EVAL, self.current, self.tracer.active, *r)
                                         for r in eval_ranges(self.test_count, self.workers)], "eval")
         loss, predictions = 0.0, []
         for k in sorted(replies):

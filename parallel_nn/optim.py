@@ -14,6 +14,7 @@ from .kernels import momentum_update, sgd_update
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.15, "adam": 0.001}  # nesterov 0.15: measured (docs/accuracy.md)
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
+STATE_VECTORS = {"sgd": (), "momentum": ("v",), "nesterov": ("v",), "adam": ("m", "s")}  # per-parameter state
 
 
 class Optimizer:
@@ -24,12 +25,7 @@ class Optimizer:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}")
         self.name, self.momentum, self.betas, self.eps, self.weight_decay = name, momentum, betas, eps, weight_decay
-        self.state: dict[str, Any] = {"t": 0}
-        if name in ("momentum", "nesterov"):
-            self.state["v"] = [0.0] * size
-        if name == "adam":
-            self.state["m"] = [0.0] * size
-            self.state["s"] = [0.0] * size
+        self.state: dict[str, Any] = {"t": 0, **{key: [0.0] * size for key in STATE_VECTORS[name]}}
 
     def step(self, params: list[float], grad: list[float], lr: float, scale: float = 1.0) -> list[float]:
         """The new parameters (params itself is left alone) for the gradient `scale * grad`.

@@ -230,10 +230,10 @@ class RayEngine(Engine):
         self._params = array("d", params).tobytes()
         self._params_ref = None  # put lazily, once, by the next step that needs it
 
-    def _call(self, kind: str, make_calls: Callable[[list], list]) -> list:
+    def _call(self, kind: str, make_calls: Callable[[list], list], meanwhile: Optional[Callable[[], None]] = None) -> list:
         """Run one call per actor (make_calls(actors) -> object refs), replacing actors that die or
         do not answer within the watchdog's limit for `kind`, and redoing the whole call from the
-        same weights."""
+        same weights. `meanwhile` runs once, while the first attempt's calls are out."""
         ray = self.ray
         for attempt in range(MAX_RESTARTS + 1):
             self.actors.grow()
@@ -246,6 +246,8 @@ class RayEngine(Engine):
             with self.serial, self.tracer.span("dispatch"):
                 sent = now()
                 refs = make_calls(actors)
+            if meanwhile is not None and attempt == 0:
+                meanwhile()
             try:
                 with self.tracer.span("wait"):
                     replies, done, late = self._collect(refs, sent + int(limit * 1e9))
@@ -298,14 +300,16 @@ class RayEngine(Engine):
                 return replies, done, sorted(index[ref] for ref in left)
         return replies, done, []
 
-    def gradient(self, indices: Sequence[int], augment: Optional[bytes] = None) -> tuple[list[float], float, int]:
-        """(sum over `indices` of the per-example gradients, flat; summed loss; number correct)."""
+    def gradient(self, indices: Sequence[int], augment: Optional[bytes] = None,
+                 meanwhile: Optional[Callable[[], None]] = None) -> tuple[list[float], float, int]:
+        """(sum over `indices` of the per-example gradients, flat; summed loss; number correct);
+        `meanwhile`: work for the driver while the actors compute."""
         def calls(actors):
             messages = batch_messages(indices, augment, len(actors))
             self.bytes_sent += sum(len(m[0]) + len(m[1] or b"") for m in messages if m)
             return [actor.gradient.remote(self._params_ref, *m, self.tracer.active) for actor, m in zip(actors, messages) if m]
 
-        replies = self._call("grad", calls)
+        replies = self._call("grad", calls, meanwhile)
         with self.serial, self.tracer.span("reduce"):
             self.bytes_received += sum(len(r[0]) for r in replies)
             total = reduce_sums([r[0] for r in replies])

@@ -24,6 +24,7 @@ from .kernels import interpreter
 from .network import Model
 from .optim import Optimizer, learning_rate
 from .progress import tree_pss_mb, tree_rss_mb
+from .update import make_update
 
 
 class Interrupted(Exception):
@@ -53,7 +54,8 @@ class Run:
         self.config, self.sizes, self.engine, self.run_dir = config, model.sizes, engine, run_dir
         self.stop, self.tracer, self.events = stop, tracer, Listeners(listeners)
         self.train_count, self.test_labels = data
-        self.params, self.data_sha256, self.python = model.params, data_sha256, interpreter()
+        self.start_params, self.data_sha256, self.python = model.params, data_sha256, interpreter()
+        self.update, self.ahead = None, None  # the update's strategy, once the run starts; the next step's augmentation
         self.optimizer = Optimizer(config.optimizer, len(model.params), momentum=config.momentum,
                                    weight_decay=config.weight_decay)
         self.epoch, self.step, self.partial, self.history = 0, 0, fresh_sums(), []
@@ -71,9 +73,9 @@ class Run:
         """Train to `config.epochs`; returns the metrics of every epoch."""
         self.engine.stop_requested = lambda: self.stop.requested
         self.engine.tracer = self.tracer
-        self.engine.set_params(self.params)
+        self.update = make_update(self.config.reduce, self.engine, self.optimizer, self.start_params)
         self.peak_rss = tree_rss_mb(self.engine.worker_pids())
-        self.events.emit("started", self)
+        self.tell("started")
         if self.step or self.epoch:
             faults.point("resume")
         while self.epoch < self.config.epochs:
@@ -92,7 +94,7 @@ class Run:
                 raise self.stopped()
             self.one_step(order)
         traffic = (self.engine.bytes_sent - sent, self.engine.bytes_received - received)  # the steps', not evaluation's
-        self.events.emit("evaluating", self)
+        self.tell("evaluating")
         with self.tracer.span("evaluate", epoch=self.epoch + 1):
             test_loss, predictions = self.guarded(self.engine.evaluate)
         self.history.append(self.metrics(time.perf_counter() - self.epoch_start, test_loss, predictions, traffic))
@@ -102,16 +104,13 @@ class Run:
     def one_step(self, order: list[int]) -> None:
         size = self.config.batch_size
         batch = order[self.step * size : (self.step + 1) * size]
-        augment = self.augmentation(len(batch))
-        self.events.emit("step_starting", self)
+        augment = self.augmentation(self.step, len(batch))
+        self.tell("step_starting")
         with self.tracer.span("step", epoch=self.epoch + 1, step=self.step):
-            grad_sum, loss, correct = self.guarded(lambda: self.engine.gradient(batch, augment))
+            loss, correct = self.guarded(lambda: self.update.compute(batch, augment, self.rate(self.step), self.prefetch))
             if not math.isfinite(loss):
                 raise self.diverged()
-            with self.engine.serial, self.tracer.span("update"):
-                scale = 1.0 / len(batch)  # shard sums -> the batch mean gradient
-                self.params = self.optimizer.step(self.params, grad_sum, self.rate(self.step), scale)
-                self.engine.set_params(self.params)
+            self.update.commit()
             faults.point("update")
         self.steps_timed += 1
         partial = self.partial
@@ -121,16 +120,32 @@ class Run:
         self.step += 1
         if self.step % 20 == 0:
             self.peak_rss = max(self.peak_rss, tree_rss_mb(self.engine.worker_pids()))
-        self.events.emit("step_done", self, StepDone(
+        self.tell("step_done", StepDone(
             self.epoch + 1, self.config.epochs, self.step, self.steps_per_epoch, len(batch), loss / len(batch), correct,
             partial["seen"], time.perf_counter() - self.epoch_start, partial["loss"] / partial["seen"]))
 
-    def augmentation(self, count: int) -> Optional[bytes]:
-        """This step's shifts and rotations, drawn per (seed, epoch, step): the same whatever the worker count."""
+    @property
+    def params(self) -> Sequence[float]:
+        """The weights now (between steps: after the last one applied)."""
+        return self.update.weights() if self.update else self.start_params
+
+    def augmentation(self, step: int, count: int) -> Optional[bytes]:
+        """Step `step`'s shifts and rotations, drawn per (seed, epoch, step): the same whatever the
+        worker count. Usually drawn already, while the workers computed the step before."""
         c = self.config
         if not (c.shift or c.rotate):
             return None
-        return mnist.random_augment(count, c.shift, c.rotate, f"parallel_nn/shift/{c.seed}/{self.epoch}/{self.step}")
+        if self.ahead and self.ahead[0] == (self.epoch, step, count):
+            return self.ahead[1]
+        return mnist.random_augment(count, c.shift, c.rotate, f"parallel_nn/shift/{c.seed}/{self.epoch}/{step}")
+
+    def prefetch(self) -> None:
+        """While the workers compute a step, the parent draws the next step's augmentation: off the
+        step's critical path."""
+        step, size = self.step + 1, self.config.batch_size
+        if step < self.steps_per_epoch:
+            count = min(size, self.train_count - step * size)
+            self.ahead = ((self.epoch, step, count), self.augmentation(step, count))
 
     def rate(self, step: int) -> float:
         c = self.config
@@ -144,9 +159,22 @@ class Run:
         except StopRequested:  # the group's SIGTERM or SIGHUP reached the workers too
             raise self.stopped() from None
         except Exception as error:
-            self.partial["seconds"] = time.perf_counter() - self.epoch_start
-            self.events.emit("failed", self, error, every=True)
+            self.failed(error)
             raise
+
+    def tell(self, event: str, *args) -> None:
+        """Emit an event of a run in progress. A listener that raises fails the run as an engine
+        call would: the run is saved where it stands first, so nothing is lost."""
+        try:
+            self.events.emit(event, self, *args)
+        except Exception as error:
+            self.failed(error)
+            raise
+
+    def failed(self, error: Exception) -> None:
+        if hasattr(self, "epoch_start"):  # before the first epoch starts, a resumed run keeps its saved seconds
+            self.partial["seconds"] = time.perf_counter() - self.epoch_start
+        self.events.emit("failed", self, error, every=True)
 
     def stopped(self) -> Interrupted:
         self.partial["seconds"] = time.perf_counter() - self.epoch_start
@@ -203,12 +231,13 @@ class RunFiles(Listener):
         self.save(run)
 
     def save(self, run: Run) -> None:
-        if not all(map(math.isfinite, run.params)):
+        params = list(run.params)
+        if not all(map(math.isfinite, params)):
             raise run.diverged()
-        now = Model(run.sizes, run.params)
+        now = Model(run.sizes, params)
         with run.tracer.span("checkpoint"):
             save_checkpoint(run.run_dir / "checkpoint.json", now, {
                 "config": asdict(run.config), "epoch": run.epoch, "step": run.step, "partial": run.partial,
-                "optimizer": run.optimizer.state_dict(), "metrics": run.history, "data_sha256": run.data_sha256})
+                "optimizer": run.update.state_dict(), "metrics": run.history, "data_sha256": run.data_sha256})
             save_model(run.run_dir / "weights.json", now)
             atomic.write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.history))

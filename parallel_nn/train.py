@@ -53,7 +53,7 @@ class Config:
     run_dir: Optional[str] = None  # None: runs/<timestamp>
     init: Optional[str] = None
     start_method: Optional[str] = None  # None: the platform's default
-    reduce: str = "parent"  # who sums the workers' gradients: the parent, or the workers themselves
+    reduce: str = "parent"  # who sums the gradients: the parent, the workers, or the workers who also update (sharded)
     backend: str = "local"  # where the workers run: local processes, or Ray actors
     ray_address: Optional[str] = None  # the Ray cluster to join (None: RAY_ADDRESS, else a private instance)
     trace: Optional[str] = None  # write a Chrome trace-event timeline here

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+import select
 import traceback
 from array import array
 
 from . import faults
 from .engine import reduce_sums, shard, shard_gradient, shard_predictions, unpack_indices
 from .kernels import floats
+from .mnist import AUGMENT_BYTES
 from .network import parameter_count
+from .mailbox import EVAL, OK, ERROR, STEP, STOP, Mailbox, decode
+from .optim import STATE_VECTORS, Optimizer
 from .trace import Recorder
 
 PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}
@@ -44,7 +48,7 @@ def die_with_parent() -> None:
         pass
 
 
-def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
+def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None) -> None:
     # Ctrl-C at a terminal, or its closing (SIGHUP), goes to the whole process group; only the
     # parent decides what it means (save, stop the workers). A worker that died of it would look
     # like a crash.
@@ -58,77 +62,117 @@ def worker_main(conn, spec: dict, slot: int, barrier=None) -> None:
     # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
     parent_pid = os.getppid()
     die_with_parent()
-    shared = Shared(spec, slot, barrier is not None)
+    shared = Shared(spec, slot)
     try:
-        serve(conn, Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid))
+        serve(conn, bell, Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid))
     except (EOFError, OSError):
         return  # the parent closed the pipe
     finally:
         shared.close()
 
 
-def serve(conn, work: "Shard") -> None:
-    """Answer the parent's messages until it sends None or goes away."""
+def serve(conn, bell, work: "Shard") -> None:
+    """Answer the parent's messages, on this worker's pipe or rung on the bell (mailbox.py), until
+    it sends STOP or goes away."""
+    sources = [conn.fileno()] + ([bell.go] if bell is not None else [])
     while True:
-        if not conn.poll(1.0):
+        ready = select.select(sources, [], [], 1.0)[0]
+        if not ready:
             if not work.parent_alive():
                 return
             continue
-        message = conn.recv()
-        if message is None:
-            return
-        try:
-            rec = Recorder(message[-1])
-            if message[0] == "grad":
-                loss, correct = work.gradient(message[1], message[2], rec)
-                conn.send(("ok", loss, correct, rec.spans))
-            else:
-                faults.point("worker evaluate")
-                with rec.span("evaluate"):
-                    result = work.predictions(message[1], message[2])
-                conn.send(("ok", *result, rec.spans))
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
+        if bell is not None and bell.go in ready and bell.take():
+            number, message = work.shared.mailbox.read()
+            try:
+                loss, correct = work.run(message, Recorder(False), mine=True)
+                work.shared.mailbox.answer(work.slot, number, OK, loss, correct)
+                bell.answer(OK)
+            except Exception:
+                conn.send(("error", traceback.format_exc()))  # first: the parent reads it when it sees ERROR
+                work.shared.mailbox.answer(work.slot, number, ERROR)
+                bell.answer(ERROR)
+        if conn.fileno() in ready:
+            message = conn.recv_bytes()
+            if message == STOP:
+                return
+            try:
+                rec = Recorder(decode(message)[2])
+                conn.send(("ok", *work.run(message, rec), rec.spans))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
 
 
 class Shared:
-    """This worker's views of the shared segments (see local.py), attached once, released at the end."""
+    """This worker's views of the shared segments (see local.py), attached once, released at the end.
 
-    def __init__(self, spec: dict, slot: int, reducing: bool):
+    `params[b]` is weights buffer b (one, or two with reduce="sharded"), as raw float64 bytes;
+    `my_params[b]` and `my_state[b][j]` are this worker's slice of weights buffer b and of state
+    vector j in state buffer b (reduce="sharded").
+    """
+
+    def __init__(self, spec: dict, slot: int):
         self.segments = {key: handle.attach() for key, handle in spec["segments"].items()}
-        size, workers = parameter_count(spec["sizes"]), spec["workers"]
-        self.params = self.segments["params"].buf  # raw float64 bytes: floats() reads them in bulk
+        size, workers, mode = parameter_count(spec["sizes"]), spec["workers"], spec["reduce"]
+        self.size = size
+        buffers = 2 if mode == "sharded" else 1
+        weights = self.segments["params"].buf  # raw float64 bytes: floats() reads them in bulk
+        self.params = [weights[8 * b * size : 8 * (b + 1) * size] for b in range(buffers)]
         self.slot = slot_views(self.segments["slots"].buf, size, workers)[slot].cast("d")
-        self.reduced = self.segments["reduced"].buf.cast("d") if reducing else None
+        self.reduced = self.segments["reduced"].buf.cast("d") if mode == "workers" else None
         # this worker's slice of the reduction (the same contiguous split as the shards), in every slot
         bounds = shard(range(size), workers)[slot]
         self.start, self.stop = (bounds[0], bounds[-1] + 1) if bounds else (0, 0)
-        self.parts = slot_views(self.segments["slots"].buf, size, workers, self.start, self.stop) if reducing else []
+        self.parts = slot_views(self.segments["slots"].buf, size, workers, self.start, self.stop) if mode != "parent" else []
+        self.my_params = [weights[8 * (b * size + self.start) : 8 * (b * size + self.stop)] for b in range(buffers)]
+        self.my_state = [[self.segments["state"].buf[8 * ((b * STATE_SLOTS + j) * size + self.start) :
+                                                     8 * ((b * STATE_SLOTS + j) * size + self.stop)]
+                          for j in range(STATE_SLOTS)] for b in range(buffers)] if mode == "sharded" else []
+        self.mailbox = Mailbox(self.segments["mailbox"].buf, workers) if mode != "parent" else None
         self.data = self.segments["data"].buf
         self.splits = [self.data[a : a + n] for a, n in spec["layout"]]  # train images, labels, test images, labels
 
     def close(self) -> None:
-        for view in (self.params, self.slot, *self.parts, self.reduced, self.data, *self.splits):
+        views = [*self.params, self.slot, *self.parts, self.reduced, *self.my_params, *sum(self.my_state, []), self.data,
+                 *self.splits, self.mailbox and self.mailbox.buf]
+        for view in views:
             if view is not None:
                 view.release()
         for segment in self.segments.values():
             segment.close()
 
 
+STATE_SLOTS = max(len(v) for v in STATE_VECTORS.values())  # per-parameter state vectors kept per buffer
+
+
 class Shard:
     """What a worker computes: its shard's gradient sum into its slot (and, reducing, its slice of
-    the sum over every slot), or its test examples' predictions."""
+    the sum over every slot; sharded, its slice of the update too), or its test examples' predictions."""
 
     def __init__(self, shared: Shared, spec: dict, slot: int, barrier, parent_alive):
-        self.shared, self.sizes, self.pixels = shared, spec["sizes"], spec["pixels"]
+        self.shared, self.sizes, self.pixels, self.workers = shared, spec["sizes"], spec["pixels"], spec["workers"]
         self.slot, self.barrier, self.parent_alive = slot, barrier, parent_alive
 
-    def gradient(self, packed: bytes, augment, rec: Recorder) -> tuple[float, int]:
+    def run(self, message: bytes, rec: Recorder, mine: bool = False) -> tuple:
+        """What `message` asks (mailbox.decode): (loss, correct) of a step, or (loss, predictions) of
+        an evaluation. `mine`: the message is the whole batch's (a broadcast); take my shard of it."""
+        kind, current, _, update, (a, b) = decode(message)
+        if kind == EVAL:
+            faults.point("worker evaluate")
+            with rec.span("evaluate"):
+                return self.predictions(a, b, current)
+        if mine:
+            a, b = my_part(a, b, self.workers, self.slot)
+        loss, correct = self.gradient(a, b, current, rec)
+        if kind == STEP:
+            self.update(current, *update, rec)
+        return loss, correct
+
+    def gradient(self, packed: bytes, augment, current: int, rec: Recorder) -> tuple[float, int]:
         shared = self.shared
         train_images, train_labels = shared.splits[:2]
         faults.point("compute")
         with rec.span("read weights"):
-            weights = floats(shared.params)
+            weights = floats(shared.params[current])
         flat, loss, correct = shard_gradient(weights, self.sizes, train_images, train_labels, unpack_indices(packed),
                                              self.pixels, augment, rec)
         with rec.span("write slot"):
@@ -136,11 +180,40 @@ class Shard:
         if self.barrier is not None:
             with rec.span("barrier"):
                 self.barrier.wait(self.slot, self.parent_alive)  # every slot is written
+        if shared.reduced is not None:
             with rec.span("reduce slice"):
                 shared.reduced[shared.start:shared.stop] = array("d", reduce_sums(shared.parts))
         return loss, correct
 
-    def predictions(self, start: int, stop: int) -> tuple[float, list[int]]:
+    def update(self, current: int, lr: float, scale: float, t: int, settings: tuple, rec: Recorder) -> None:
+        """My slice of weights buffer `current`, updated with my slice of the summed gradient, into
+        the other buffer (and my slice of the optimizer's state likewise): the same arithmetic as
+        the parent's update, element by element, so the same bits. Buffer `current` is left as it
+        was, so a step that fails anywhere can be redone from it."""
+        shared = self.shared
+        with rec.span("reduce slice"):
+            grad = reduce_sums(shared.parts)
+        with rec.span("update slice"):
+            name, momentum, weight_decay = settings
+            optimizer = Optimizer(name, 0, momentum=momentum, weight_decay=weight_decay)
+            optimizer.state = {"t": t, **{key: floats(shared.my_state[current][j])
+                                          for j, key in enumerate(STATE_VECTORS[name])}}
+            new = optimizer.step(floats(shared.my_params[current]), grad, lr, scale)
+            shared.my_params[1 - current].cast("d")[:] = array("d", new)
+            faults.point("worker update")  # half written: the step must be redone from buffer `current`
+            for j, key in enumerate(STATE_VECTORS[name]):
+                shared.my_state[1 - current][j].cast("d")[:] = array("d", optimizer.state[key])
+
+    def predictions(self, start: int, stop: int, current: int) -> tuple[float, list[int]]:
         test_images, test_labels = self.shared.splits[2:]
-        return shard_predictions(floats(self.shared.params), self.sizes, test_images, test_labels, start, stop,
+        return shard_predictions(floats(self.shared.params[current]), self.sizes, test_images, test_labels, start, stop,
                                  self.pixels)
+
+
+def my_part(packed: bytes, augment, workers: int, k: int) -> tuple:
+    """Worker k's shard of a whole batch's packed indices and augmentation: the same contiguous
+    split as engine.batch_messages gives the per-worker messages."""
+    piece = shard(range(len(packed) // 4), workers)[k]
+    start, stop = (piece[0], piece[-1] + 1) if piece else (0, 0)
+    part = None if augment is None else augment[AUGMENT_BYTES * start : AUGMENT_BYTES * stop]
+    return packed[4 * start : 4 * stop], part

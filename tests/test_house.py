@@ -16,16 +16,22 @@ MAX_CLASS_LINES = 200
 
 
 def imports_of(path: Path) -> set[str]:
-    """The package's modules that `path` imports, at the top or inside a function."""
+    """The package's modules that `path` imports, at the top or inside a function, in any form:
+    `from . import x`, `from .x import y`, `from parallel_nn import x`, `from parallel_nn.x import y`,
+    `import parallel_nn.x`."""
     found = set()
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from . import x / from .x import y
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists())
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("parallel_nn."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom):
+            absolute = node.level == 0 and (node.module or "").split(".")[0] == "parallel_nn"
+            if node.level == 1 or absolute:
+                parts = (node.module or "").split(".")[1 if absolute else 0 :]
+                if parts and parts[0]:
+                    found.add(parts[0])
+                else:  # from . import x / from parallel_nn import x: x may be a module
+                    found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("parallel_nn."))
     return found
 
 
@@ -62,6 +68,13 @@ def test_the_cycle_finder_finds_a_circle():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
+def test_the_import_reader_sees_every_form(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import parallel_nn.mnist\nfrom parallel_nn import optim, UserError\nfrom parallel_nn.backends import x\n"
+                      "def f():\n    from . import faults\n    from .local import y\n")
+    assert imports_of(sample) == {"mnist", "optim", "backends", "faults", "local"}
+
+
 def test_the_package_imports_have_no_circle():
     graph = import_graph()
     assert graph["backends"] >= {"local", "ray_backend"}  # the parser sees function-level imports too
@@ -83,7 +96,7 @@ def test_functions_and_classes_are_short():
 
 
 def documented_flags() -> set[str]:
-    """The flags in the first cell of each row of the README's flag table (the full list: shared/DESIGN.md)."""
+    """The flags in the first cell of each row of the README's flag table (the full list, as the design asks)."""
     flags = set()
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("| `-"):
@@ -104,9 +117,15 @@ def test_the_flag_table_is_the_command_line():
 
 
 def anchors(page: Path) -> set[str]:
-    """The #anchors GitHub gives the page's headings: lower case, punctuation dropped, spaces to hyphens."""
-    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-            for line in page.read_text().splitlines() if line.startswith("#")}
+    """The #anchors GitHub gives the page's headings (not `#` lines inside code blocks): lower case,
+    punctuation dropped, spaces to hyphens."""
+    found, in_code = set(), False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif line.startswith("#") and not in_code:
+            found.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return found
 
 
 def test_the_readme_is_a_front_page_and_its_links_resolve():

@@ -154,8 +154,8 @@ class PoisonAfter(Listener):
 
     def step_done(self, run, step):
         if (run.epoch, run.step) > self.after:
-            run.params = [math.inf] * len(run.params)
-            run.engine.set_params(run.params)
+            run.update.params = [math.inf] * len(run.params)
+            run.engine.set_params(run.update.params)
 
 
 def test_a_stopped_worker_is_replaced_and_the_run_ends_bit_identical(tiny_data, tmp_path):
@@ -412,3 +412,24 @@ def test_an_unwritable_run_directory_is_one_line(tiny_data, tmp_path):
     (tmp_path / "file").write_text("")
     done = Trainer(tmp_path, tiny_data).train(tmp_path / "file" / "run")
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "choose a writable --run-dir" in done.stderr
+
+
+class Raises(Listener):
+    """A listener with a bug: it raises after (epoch, step) (0-based epoch, steps done)."""
+
+    def __init__(self, epoch, step):
+        self.at = (epoch, step)
+
+    def step_done(self, run, step):
+        if (run.epoch, run.step) == self.at:
+            raise RuntimeError("a listener's bug")
+
+
+def test_a_listener_that_raises_fails_the_run_without_losing_it(tiny_data, tmp_path):
+    train(config(tiny_data, tmp_path / "straight", epochs=2))
+    with pytest.raises(RuntimeError, match="a listener's bug"):
+        train(config(tiny_data, tmp_path / "run", epochs=2), listeners=[Raises(0, 2)])
+    _, checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.json")
+    assert (checkpoint["epoch"], checkpoint["step"]) == (0, 2)  # saved where it stood
+    train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))
+    assert (tmp_path / "run" / "weights.json").read_bytes() == (tmp_path / "straight" / "weights.json").read_bytes()

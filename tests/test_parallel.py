@@ -1,6 +1,7 @@
 """The engine: exact for any worker count and start method, and it never hangs, leaks or orphans."""
 
 import glob
+import json
 import math
 import os
 import platform
@@ -17,6 +18,7 @@ from parallel_nn import mnist
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
 from parallel_nn.engine import WorkerCrashed, shard
+from parallel_nn.events import Listener
 from parallel_nn.local import LocalEngine as Engine
 from parallel_nn.train import Config, train
 
@@ -281,3 +283,50 @@ def test_idle_workers_stay_alive(tiny_splits, method):
         time.sleep(1.5)  # past at least one of the workers' 1-second checks
         engine.gradient(range(10))
         assert engine.restarts == 0
+
+
+@pytest.mark.parametrize("optimizer, weight_decay", [("sgd", 0.0), ("momentum", 0.0), ("nesterov", 1e-3), ("adam", 1e-3)])
+def test_sharded_updates_are_bit_identical_to_the_parents(tiny_data, tmp_path, optimizer, weight_decay):
+    """--reduce sharded: every worker updates its own slice of the weights and of the optimizer's
+    state; the weights, the state and every metric but the timings equal the default mode's."""
+    runs = {}
+    for reduce, workers in (("parent", 3), ("sharded", 3), ("parent", 8), ("sharded", 8)):
+        run_dir = tmp_path / f"{reduce}-{workers}"
+        history = train(Config(workers=workers, epochs=2, batch_size=100, optimizer=optimizer, weight_decay=weight_decay,
+                               rotate=5, reduce=reduce, data_dir=str(tiny_data), run_dir=str(run_dir), quiet=True))
+        checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
+        runs[reduce, workers] = ((run_dir / "weights.json").read_bytes(), checkpoint["optimizer"],
+                                 [(m["train_loss"], m["test_loss"], m["test_accuracy"]) for m in history])
+    assert runs["parent", 3] == runs["sharded", 3]
+    assert runs["parent", 8] == runs["sharded", 8]
+
+
+def test_sharded_updates_survive_a_killed_worker_and_resume_across_modes(tiny_data, tmp_path, capfd):
+    """A killed worker is replaced and the step redone from the buffer that still holds the weights;
+    a run stopped in one mode resumes in another, all to the bit."""
+    base = dict(workers=2, epochs=2, batch_size=100, data_dir=str(tiny_data), quiet=True)
+    train(Config(run_dir=str(tmp_path / "straight"), **base))
+
+    class KillOne(Listener):  # a worker, after the 3rd step (mid-step kills: tests/test_faults.py, sharded cases)
+        def step_done(self, run, step):
+            if (step.epoch, step.step) == (1, 3):
+                os.kill(run.engine.worker_pids()[0], signal.SIGKILL)
+
+    train(Config(run_dir=str(tmp_path / "killed"), reduce="sharded", **{**base, "epochs": 1}), listeners=[KillOne()])
+    assert "restarting the workers and redoing the step" in capfd.readouterr().err
+    train(Config(run_dir=None, **{**base, "reduce": "sharded"}), resume=str(tmp_path / "killed"))  # epoch 2 sharded
+    train(Config(run_dir=str(tmp_path / "half"), reduce="sharded", **{**base, "epochs": 1}))
+    train(Config(run_dir=None, **base), resume=str(tmp_path / "half"))  # epoch 2 with the parent updating
+    straight = (tmp_path / "straight" / "weights.json").read_bytes()
+    assert (tmp_path / "killed" / "weights.json").read_bytes() == straight
+    assert (tmp_path / "half" / "weights.json").read_bytes() == straight
+
+
+def test_a_diverging_sharded_run_keeps_its_last_finite_weights(tiny_data, tmp_path):
+    from parallel_nn import UserError
+
+    with pytest.raises(UserError, match="diverged"):
+        train(Config(workers=2, epochs=2, batch_size=100, lr=1e200, optimizer="sgd", lr_schedule="constant",
+                     reduce="sharded", data_dir=str(tiny_data), run_dir=str(tmp_path / "run"), quiet=True))
+    for path in (tmp_path / "run").glob("*.json*"):
+        assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
