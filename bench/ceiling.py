@@ -1,13 +1,15 @@
 """Engine efficiency: how close the data-parallel step comes to what the cores can do.
 
-    python -m bench.ceiling [--workers 1,2] [--steps 60] [--rounds 3] [--markdown FILE]
+    python -m bench.ceiling [--workers 1,2] [--steps 60] [--rounds 3] [--reduce parent] [--markdown FILE]
 
 The ceiling for W workers: W plain processes started at once, each running the project's own
 kernels on batch/W examples per step (drawing and applying the default augmentation, decode,
 forward, backward, the Nesterov update of all the weights), nothing shared and nothing waited for. The engine: the
 same steps through the local engine with W workers (gradient across the workers, then the
-parent's update), as the trainer runs them. Both are timed step by step in this one run, on this
-machine and interpreter, after the same warm-up (the JIT's, on PyPy):
+parent's update, or the workers' with --reduce sharded), as the trainer runs them: the next
+step's augmentation drawn while the workers compute, and on PyPy the trainer's young generation
+(for the plain processes too). Both are timed step by step in this one run, on this machine and
+interpreter, after the same warm-up (the JIT's, on PyPy):
 
     engine efficiency = ceiling step (median) / engine step (median)
 
@@ -30,9 +32,10 @@ from bench import data
 from parallel_nn import mnist
 from parallel_nn.engine import shard_gradient
 from parallel_nn.kernels import interpreter
-from parallel_nn.local import LocalEngine
+from parallel_nn.local import REDUCERS, LocalEngine
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
+from parallel_nn.update import make_update
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500
@@ -76,19 +79,25 @@ def ceiling(train: mnist.Split, workers: int, steps: int) -> list[float]:
     return times
 
 
-def engine(train: mnist.Split, test: mnist.Split, workers: int, steps: int) -> tuple[list[float], float]:
-    """Per-step seconds of the trainer's step through the local engine, and one evaluation's."""
+def engine(train: mnist.Split, test: mnist.Split, workers: int, steps: int, reduce: str = "parent") -> tuple[list[float], float]:
+    """Per-step seconds of the trainer's step through the local engine, and one evaluation's. As
+    the trainer does, the parent draws the next step's augmentation while the workers compute."""
     params = he_init(SIZES, 0)
     optimizer = Optimizer("nesterov", len(params))
     work = batches(train.count, WARMUP + steps, BATCH, 99)
-    times = []
-    with LocalEngine(SIZES, train, test, workers) as eng:
-        eng.set_params(params)
-        for indices, seed in work:
+    times, ahead = [], None
+    with LocalEngine(SIZES, train, test, workers, reduce=reduce) as eng:
+        update = make_update(reduce, eng, optimizer, params)
+        for i, (indices, seed) in enumerate(work):
             t = time.perf_counter()
-            grad, _, _ = eng.gradient(indices, mnist.random_augment(BATCH, 1, 0, seed))
-            params = optimizer.step(params, grad, 0.1, 1 / BATCH)
-            eng.set_params(params)
+            augment = ahead if ahead is not None else mnist.random_augment(BATCH, 1, 0, seed)
+            drawn = []
+            if i + 1 < len(work):
+                def prefetch(following=work[i + 1][1]):
+                    drawn.append(mnist.random_augment(BATCH, 1, 0, following))
+            update.compute(indices, augment, 0.1, prefetch if i + 1 < len(work) else None)
+            update.commit()
+            ahead = drawn[0] if drawn else None
             times.append(time.perf_counter() - t)
         t = time.perf_counter()
         eng.evaluate()
@@ -100,17 +109,17 @@ def p90(times: list[float]) -> float:
     return sorted(times)[int(0.9 * (len(times) - 1))]
 
 
-def table(worker_counts: list[int], steps: int, rounds: int) -> list[str]:
+def table(worker_counts: list[int], steps: int, rounds: int, reduce: str = "parent") -> list[str]:
     train, test, which = data.load()
     lines = [f"{interpreter()}, {psutil.cpu_count(logical=False)} cores, {which}, batch {BATCH}, "
-             f"{steps} steps after {WARMUP} of warm-up, {rounds} rounds", "",
+             f"{steps} steps after {WARMUP} of warm-up, {rounds} rounds, --reduce {reduce}", "",
              "| workers | ceiling step (median / p90) | engine step (median / p90) | efficiency | p90 / median | epoch |",
              "|---:|---:|---:|---:|---:|---:|"]
     for w in worker_counts:
         top, steps_taken, evaluations = [], [], []
         for _ in range(rounds):  # alternated, so that a noisy spell on a shared machine hits both
             top += ceiling(train, w, steps)
-            taken, evaluation = engine(train, test, w, steps)
+            taken, evaluation = engine(train, test, w, steps, reduce)
             steps_taken += taken
             evaluations.append(evaluation)
         evaluation = statistics.median(evaluations)
@@ -121,16 +130,18 @@ def table(worker_counts: list[int], steps: int, rounds: int) -> list[str]:
 
 
 def main() -> None:
+    data.as_the_trainer_runs("bench.ceiling")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1, 2, 4, ... up to the cores here)")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per row (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="ceiling and engine alternated this many times (default: %(default)s)")
+    parser.add_argument("--reduce", default="parent", choices=REDUCERS, help="the engine's mode (default: %(default)s)")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table here")
     args = parser.parse_args()
     cores = psutil.cpu_count(logical=False) or 1
     doubling = [w for w in (1, 2, 4, 8, 16, 32, 64) if w < cores] + [cores]
     counts = [int(w) for w in args.workers.split(",")] if args.workers else doubling
-    lines = table(counts, args.steps, args.rounds)
+    lines = table(counts, args.steps, args.rounds, args.reduce)
     data.report(lines, args.markdown)
 
 

@@ -3,7 +3,10 @@ with MNIST's shape and sparsity (~19% non-zero pixels, in strokes), so the kerne
 
 from __future__ import annotations
 
+import os
+import platform
 import random
+import sys
 from pathlib import Path
 
 from parallel_nn import mnist
@@ -35,3 +38,13 @@ def report(lines: list[str], markdown: str | None) -> None:
     if markdown:
         with open(markdown, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def as_the_trainer_runs(module: str) -> None:
+    """Run this benchmark under the settings `python -m parallel_nn` gives itself: on PyPy, the
+    trainer's young generation (parallel_nn/__main__.py), by starting again with it if unset."""
+    from parallel_nn.__main__ import NURSERY
+
+    if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
+        os.environ["PYPY_GC_NURSERY"] = NURSERY
+        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])

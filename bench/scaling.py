@@ -134,6 +134,25 @@ def ray_projection(train, update_s: float, gbit: float = 10.0) -> list[str]:
     return lines
 
 
+def projections(rows: list[dict]) -> list[str]:
+    """What a machine with as many cores as the largest worker count measured would do, per mode:
+    one worker's compute on its shard (measured here, in-process) plus the parent's serial CPU
+    measured at that worker count (on this machine the workers share its cores, but the parent's
+    CPU time is its own work)."""
+    local = [r for r in rows if r["backend"] == "local"]
+    cores = max(r["workers"] for r in local)
+    shard = shard_compute_seconds(data.load()[0], -(-BATCH // cores))
+    evaluation = local[0]["eval_s"] / cores
+    lines = []
+    for r in (r for r in local if r["workers"] == cores):
+        serial = r["serial_ms"] / 1000
+        lines.append(f"{cores}-core projection, --reduce {r['reduce']}: a {-(-BATCH // cores)}-example shard computes in "
+                     f"{1000 * shard:.1f} ms, the parent's serial part at {cores} workers is {1000 * serial:.2f} ms of CPU, so "
+                     f"a step would take ~{1000 * (shard + serial):.1f} ms and an epoch ~{120 * (shard + serial) + evaluation:.1f} s "
+                     f"(vs {local[0]['epoch_s']:.1f} s with 1 worker here).")
+    return lines
+
+
 def plot_scaling(rows: list[dict], cores: int, machine: str, path: str) -> str:
     """Speed-up against workers: measured points, the ideal line, and Amdahl's law with the serial
     fraction measured here (the parent's serial CPU per step at the most workers measured, over the
@@ -181,6 +200,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
+    data.as_the_trainer_runs("bench.scaling")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts to measure (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per worker count (default: %(default)s)")
@@ -210,7 +230,7 @@ def main() -> None:
         speedup = base / r["epoch_s"]
         efficiency = speedup / min(r["workers"], cores)  # per core actually available
         lines.append(f"| {r['backend']} | {r['workers']} | {r['reduce']} | {r['step_s']:.3f} | {r['epoch_s']:.1f} | "
-                     f"{speedup:.2f}x | {efficiency:.0%} | {r['serial_ms']:.1f} ({r['serial_wall_ms']:.1f}) | "
+                     f"{speedup:.2f}x | {efficiency:.0%} | {r['serial_ms']:.2f} ({r['serial_wall_ms']:.2f}) | "
                      f"{r['pss_mb']:.0f} | {r['sent_per_worker'] / 1000:.1f} / {r['received_per_worker'] / 1000:.1f} | "
                      f"{r['ready_s']:.1f} |")
     local2 = next((r for r in rows if r["backend"] == "local" and r["workers"] == 2), None)
@@ -218,14 +238,7 @@ def main() -> None:
     if local2 and ray2:
         lines += ["", f"Ray / local, 2 workers: {ray2['epoch_s'] / local2['epoch_s']:.2f}x the epoch time; the private Ray "
                   f"instance was ready in {ray2['ready_s']:.1f} s."]
-    shard63 = shard_compute_seconds(data.load()[0], 63)
-    serial8 = next((r["serial_ms"] for r in rows if r["workers"] == 8 and r["reduce"] == "parent" and r["backend"] == "local"),
-                   rows[-1]["serial_ms"]) / 1000
-    eval8 = rows[0]["eval_s"] / 8
-    projected = 120 * (shard63 + serial8) + eval8
-    lines += ["", f"8-core projection: a 63-example shard computes in {1000 * shard63:.1f} ms, the parent's serial part at "
-              f"8 workers is {1000 * serial8:.1f} ms of CPU, so a step would take ~{1000 * (shard63 + serial8):.0f} ms and an "
-              f"epoch ~{projected:.1f} s (vs {rows[0]['epoch_s']:.1f} s with 1 worker here)."]
+    lines += [""] + projections(rows)
     if args.ray:
         params = he_init(SIZES, 0)
         optimizer, grad = Optimizer("momentum", len(params)), [1e-3] * len(params)
