@@ -59,7 +59,7 @@ def measure(workers: int, steps: int, reduce: str = "parent", backend: str = "lo
     with engine:
         ready_s = time.perf_counter() - started
         update = make_update(reduce if backend == "local" else "parent", engine, optimizer, params)
-        for _ in range(2):  # warm-up: first touches of the shared pages
+        for _ in range(10):  # warm-up: first touches of the shared pages, and the JIT's (PyPy)
             update.compute(rng.sample(range(count), BATCH), None, 0.1)
             update.commit()
         engine.serial = SerialTimer()

@@ -151,12 +151,14 @@ def reduce_sums(parts: Sequence) -> Sequence[float]:
 
 
 def shard_gradient(params: Sequence[float], sizes: Sequence[int], images, labels, indices: Sequence[int],
-                   pixels: int, augment: Optional[bytes] = None, rec: Optional[Recorder] = None) -> tuple[array, float, int]:
+                   pixels: int, augment: Optional[bytes] = None, rec: Optional[Recorder] = None,
+                   packed=None) -> tuple[array, float, int]:
     """The worker's computation: (flat sum of the shard's per-example gradients, summed loss, correct).
 
     `images` and `labels` are the raw training bytes (or views of them); nothing else is needed,
     which is what lets a local process and a remote actor run the same function. `rec` records
-    the decode, forward and backward spans for --trace.
+    the decode, forward and backward spans for --trace. `packed`: the first layer's lanes, packed
+    by the workers together (worker.Shard.share_lanes), or None to pack them here.
     """
     rec = rec or Recorder(False)
     flat = array("d")
@@ -168,7 +170,7 @@ def shard_gradient(params: Sequence[float], sizes: Sequence[int], images, labels
         X = decode_batch(images, indices, pixels, augment)
         X.rows  # decoded here, not lazily inside the forward pass
     with rec.span("forward"):
-        Zs, As = forward(layers, X)
+        Zs, As = forward(layers, X, packed)
     with rec.span("backward"):
         grads, loss, correct = backward(layers, Zs, As, [labels[k] for k in indices])
         for dW, db in grads:

@@ -74,6 +74,15 @@ class Lanes:
         pack, frm = self._struct.pack, int.from_bytes
         return [frm(pack(*column), "little") for column in zip(*fixed)]
 
+    def to_bytes(self, packed: Sequence[int]) -> bytes:
+        """Packed ints as `count * width` bytes each, as `from_bytes` reads them back."""
+        size = self.count * self.width
+        return b"".join(value.to_bytes(size, "little") for value in packed)
+
+    def from_bytes(self, data: bytes) -> list[int]:
+        size, frm = self.count * self.width, int.from_bytes
+        return [frm(data[at : at + size], "little") for at in range(0, len(data), size)]
+
     def unpack(self, total: int, weight_sum: int) -> list[float]:
         """The `count` floats in `total`, a sum of packed ints with integer weights adding to weight_sum."""
         raw = total.to_bytes(self.count * self.width, "little")

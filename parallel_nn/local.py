@@ -36,14 +36,14 @@ from . import faults
 from .barrier import PipeBarrier
 from .engine import (Engine, StopRequested, WorkerCrashed, WorkerDied, WorkerError, batch_messages, eval_ranges,
                      pack_indices, reduce_sums)
-from .kernels import floats
+from .kernels import KIND, floats
 from .mnist import AUGMENT_BYTES, Split
 from .network import parameter_count
 from .optim import STATE_VECTORS
 from .shm import Segment
 from .exchange import Exchange
 from .mailbox import EVAL, GRAD, STEP, STOP, Bell, Mailbox, encode, encode_batch
-from .worker import PARENTS_SIGNALS, STATE_SLOTS, slot_views, worker_main
+from .worker import PARENTS_SIGNALS, STATE_SLOTS, lanes_bytes, slot_views, worker_main
 
 START_METHODS = ("fork", "spawn", "forkserver")
 REDUCERS = ("parent", "workers", "sharded")
@@ -70,6 +70,10 @@ class WorkerPool:
         self.sentinels: list = []
         self.barrier: PipeBarrier | None = None
         self.bell: Bell | None = None
+        self.lanes_barrier: PipeBarrier | None = None
+        # CPython's kernels pack the first layer's weights into lanes every step: with a workers'
+        # reduction (a barrier already) the workers split that packing and share it (worker.py)
+        self.shares_lanes = KIND == "idioms" and reduce != "parent"
 
     def start(self, blobs: list) -> None:
         """Copy `blobs` (train images, labels, test images, labels) into shared memory; start the workers."""
@@ -85,6 +89,8 @@ class WorkerPool:
             self.segments["state"] = Segment(8 * self.size * self.buffers * STATE_SLOTS)
         if self.reduce != "parent":
             self.segments["mailbox"] = Segment(Mailbox.size(self.workers, self.layout[1][1], AUGMENT_BYTES))
+        if self.shares_lanes:
+            self.segments["lanes"] = Segment(lanes_bytes(self.sizes))
         self.segments["data"] = Segment(offset)
         data = self.segments["data"].buf
         for (start, length), blob in zip(self.layout, blobs):
@@ -118,6 +124,7 @@ class WorkerPool:
         # not multiprocessing's named semaphores, which SIGKILL to the group would leave in /dev/shm.
         self.barrier = PipeBarrier(self.workers) if self.reduce != "parent" else None
         self.bell = Bell() if self.reduce != "parent" else None
+        self.lanes_barrier = PipeBarrier(self.workers) if self.shares_lanes else None
         self._start_helpers()
         # Workers start with SIGINT and SIGHUP blocked (a signal mask survives fork and exec), so a
         # Ctrl-C or a closed terminal while a spawned worker is still importing cannot kill it or
@@ -127,7 +134,7 @@ class WorkerPool:
         try:
             for k in range(self.workers):
                 parent_end, child_end = self.context.Pipe()
-                proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier, self.bell),
+                proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier, self.bell, self.lanes_barrier),
                                             name=f"parallel_nn-worker-{k}", daemon=True)
                 proc.start()
                 child_end.close()
@@ -175,10 +182,10 @@ class WorkerPool:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns, self.sentinels = [], [], []
-        for link in (self.barrier, self.bell):
+        for link in (self.barrier, self.bell, self.lanes_barrier):
             if link is not None:
                 link.close()
-        self.barrier = self.bell = None
+        self.barrier = self.bell = self.lanes_barrier = None
 
     def restart(self) -> None:
         self.stop(graceful=False)

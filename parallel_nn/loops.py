@@ -92,8 +92,8 @@ def sparse_rows(raw: bytes, width: int) -> list[tuple[list[int], bytes]]:
     return rows
 
 
-def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:
-    """Z[n][j] = sum_{i: X[n][i] != 0} X[n][i] * W[j][i] + b[j]"""
+def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector, packed=None) -> Tensor2D:
+    """Z[n][j] = sum_{i: X[n][i] != 0} X[n][i] * W[j][i] + b[j] (`packed`: the lanes of CPython's kernel; unused)"""
     Z = []
     for indices, levels in X.rows:
         values = [PIXEL_VALUES[level] for level in levels]

@@ -82,13 +82,14 @@ def softmax_cross_entropy(Z: Tensor2D, labels: Sequence[int]) -> tuple[Tensor2D,
     return dZ, loss, predictions
 
 
-def forward(layers: Sequence[Layer], X: SparseMatrix) -> tuple[list[Tensor2D], list]:
-    """(pre-activations Z per layer, inputs A per layer) — the backward pass needs both."""
+def forward(layers: Sequence[Layer], X: SparseMatrix, packed=None) -> tuple[list[Tensor2D], list]:
+    """(pre-activations Z per layer, inputs A per layer) — the backward pass needs both. `packed`:
+    the first layer's weights already packed into lanes (CPython's kernels; tensor.sparse_linear)."""
     A: SparseMatrix | Tensor2D = X
     Zs, As = [], []
     for depth, (W, b) in enumerate(layers):
         As.append(A)
-        Z = sparse_linear(A, W, b) if depth == 0 else linear(A, W, b)
+        Z = sparse_linear(A, W, b, packed) if depth == 0 else linear(A, W, b)
         Zs.append(Z)
         if depth < len(layers) - 1:
             A = relu(Z)

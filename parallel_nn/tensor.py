@@ -220,17 +220,29 @@ def sparse_rows(raw: bytes, width: int) -> list[tuple[list[int], bytes]]:
     return rows
 
 
-def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector) -> Tensor2D:
+def first_layer_lanes(W: Tensor2D, width: int) -> "lanes.Lanes | None":
+    """The lanes sparse_linear packs W's columns into, for inputs `width` pixels wide; None where W
+    cannot be packed (not finite, or too small) and floats must do."""
+    largest = lanes.magnitudes(W)  # output j's lane holds row j of W
+    if not lanes.fits(largest):
+        return None
+    return lanes.Lanes(largest, LEVELS * width, LEVELS)
+
+
+def sparse_linear(X: SparseMatrix, W: Tensor2D, b: Vector, packed: "tuple | None" = None) -> Tensor2D:
     """Z[n][j] = sum_{i: X[n][i] != 0} X[n][i] * W[j][i] + b[j]
 
     With W's columns packed (lanes.py), Z[n] is sum_i level[n][i] * packed column i: one int
-    multiply-add per lit pixel for all outputs at once.
+    multiply-add per lit pixel for all outputs at once. `packed`: (layout, columns) made already
+    (first_layer_lanes, then its pack_columns(W)), as workers that share the packing pass them.
     """
-    largest = lanes.magnitudes(W)  # output j's lane holds row j of W
-    if not lanes.fits(largest):
-        return linear(X.dense(), W, b)
-    layout = lanes.Lanes(largest, LEVELS * X.width, LEVELS)
-    columns = layout.pack_columns(W)
+    if packed is None:
+        layout = first_layer_lanes(W, X.width)
+        if layout is None:
+            return linear(X.dense(), W, b)
+        columns = layout.pack_columns(W)
+    else:
+        layout, columns = packed
     Z = []
     for positions, levels in X.rows:
         if not positions:

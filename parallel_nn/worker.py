@@ -15,10 +15,12 @@ from array import array
 from . import faults
 from .engine import reduce_sums, shard, shard_gradient, shard_predictions, unpack_indices
 from .kernels import floats
+from .lanes import Lanes
 from .mnist import AUGMENT_BYTES
 from .network import parameter_count
 from .mailbox import EVAL, OK, ERROR, STEP, STOP, Mailbox, decode
 from .optim import STATE_VECTORS, Optimizer
+from .tensor import LEVELS, first_layer_lanes
 from .trace import Recorder
 
 PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}
@@ -48,7 +50,7 @@ def die_with_parent() -> None:
         pass
 
 
-def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None) -> None:
+def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barrier=None) -> None:
     # Ctrl-C at a terminal, or its closing (SIGHUP), goes to the whole process group; only the
     # parent decides what it means (save, stop the workers). A worker that died of it would look
     # like a crash.
@@ -64,7 +66,9 @@ def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None) -> None:
     die_with_parent()
     shared = Shared(spec, slot)
     try:
-        serve(conn, bell, Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid))
+        work = Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid)
+        work.lanes_barrier = lanes_barrier
+        serve(conn, bell, work)
     except (EOFError, OSError):
         return  # the parent closed the pipe
     finally:
@@ -128,12 +132,13 @@ class Shared:
                                                      8 * ((b * STATE_SLOTS + j) * size + self.stop)]
                           for j in range(STATE_SLOTS)] for b in range(buffers)] if mode == "sharded" else []
         self.mailbox = Mailbox(self.segments["mailbox"].buf, workers) if mode != "parent" else None
+        self.lanes = self.segments["lanes"].buf if "lanes" in self.segments else None
         self.data = self.segments["data"].buf
         self.splits = [self.data[a : a + n] for a, n in spec["layout"]]  # train images, labels, test images, labels
 
     def close(self) -> None:
         views = [*self.params, self.slot, *self.parts, self.reduced, *self.my_params, *sum(self.my_state, []), self.data,
-                 *self.splits, self.mailbox and self.mailbox.buf]
+                 *self.splits, self.mailbox and self.mailbox.buf, self.lanes]
         for view in views:
             if view is not None:
                 view.release()
@@ -151,6 +156,7 @@ class Shard:
     def __init__(self, shared: Shared, spec: dict, slot: int, barrier, parent_alive):
         self.shared, self.sizes, self.pixels, self.workers = shared, spec["sizes"], spec["pixels"], spec["workers"]
         self.slot, self.barrier, self.parent_alive = slot, barrier, parent_alive
+        self.lanes_barrier = None
 
     def run(self, message: bytes, rec: Recorder, mine: bool = False) -> tuple:
         """What `message` asks (mailbox.decode): (loss, correct) of a step, or (loss, predictions) of
@@ -173,8 +179,12 @@ class Shard:
         faults.point("compute")
         with rec.span("read weights"):
             weights = floats(shared.params[current])
+        lanes = None
+        if self.lanes_barrier is not None:
+            with rec.span("pack lanes"):
+                lanes = self.share_lanes(weights)
         flat, loss, correct = shard_gradient(weights, self.sizes, train_images, train_labels, unpack_indices(packed),
-                                             self.pixels, augment, rec)
+                                             self.pixels, augment, rec, lanes)
         with rec.span("write slot"):
             shared.slot[:] = flat
         if self.barrier is not None:
@@ -184,6 +194,24 @@ class Shard:
             with rec.span("reduce slice"):
                 shared.reduced[shared.start:shared.stop] = array("d", reduce_sums(shared.parts))
         return loss, correct
+
+    def share_lanes(self, weights) -> tuple | None:
+        """The first layer's weights packed into lanes (CPython's kernels, tensor.sparse_linear) by
+        all the workers together: each packs its share of the input columns into the `lanes`
+        segment, then, past a barrier, every worker reads them all. The same ints as each packing
+        them all (integers are exact), for 1/W of the work. None where W cannot be packed: every
+        worker sees the same weights, so all of them skip the barrier alike."""
+        inputs, outputs = self.sizes[0], self.sizes[1]
+        rows = [list(weights[j * inputs : (j + 1) * inputs]) for j in range(outputs)]  # lists: scanned 2x faster
+        layout = first_layer_lanes(rows, inputs)
+        if layout is None:
+            return None
+        piece = shard(range(inputs), self.workers)[self.slot]
+        if piece:
+            start, stop, size = piece[0], piece[-1] + 1, layout.count * layout.width
+            self.shared.lanes[start * size : stop * size] = layout.to_bytes(layout.pack_columns([r[start:stop] for r in rows]))
+        self.lanes_barrier.wait(self.slot, self.parent_alive)  # every share is packed
+        return layout, layout.from_bytes(bytes(self.shared.lanes[: inputs * layout.count * layout.width]))
 
     def update(self, current: int, lr: float, scale: float, t: int, settings: tuple, rec: Recorder) -> None:
         """My slice of weights buffer `current`, updated with my slice of the summed gradient, into
@@ -217,3 +245,9 @@ def my_part(packed: bytes, augment, workers: int, k: int) -> tuple:
     start, stop = (piece[0], piece[-1] + 1) if piece else (0, 0)
     part = None if augment is None else augment[AUGMENT_BYTES * start : AUGMENT_BYTES * stop]
     return packed[4 * start : 4 * stop], part
+
+
+def lanes_bytes(sizes) -> int:
+    """The `lanes` segment's size: every input column of the first layer, packed (Shard.share_lanes)."""
+    layout = Lanes([1.0] * sizes[1], LEVELS * sizes[0], LEVELS)
+    return sizes[0] * layout.count * layout.width
