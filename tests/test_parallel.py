@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from parallel_nn import mnist
+from parallel_nn.__main__ import NURSERY
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
 from parallel_nn.engine import WorkerCrashed, shard
@@ -206,11 +207,14 @@ def test_a_killed_trainer_leaves_no_orphans(tiny_data, tmp_path, method):
 
 
 def test_real_data_process_tree_memory_with_8_workers(real_data):
-    """Measured in a fresh interpreter, as the trainer runs: the pytest process itself (and whatever
-    other tests imported into it) would be shared into forked workers and counted too."""
+    """Measured in a fresh interpreter, as the trainer runs (on PyPy with the trainer's young
+    generation: it sets the size of the heap), over an epoch of steps, for the heaps to settle: the
+    pytest process itself (and whatever other tests imported into it) would be shared into forked
+    workers and counted too."""
     script = f"""
 import os, psutil
 from parallel_nn import mnist
+from parallel_nn.__main__ import NURSERY
 from parallel_nn.network import he_init
 from parallel_nn.local import LocalEngine as Engine
 if __name__ == "__main__":
@@ -219,12 +223,15 @@ if __name__ == "__main__":
     del train_set, test_set
     with engine:
         engine.set_params(he_init({SIZES}, 0))
-        for step in range(3):
+        for step in range(120):
             engine.gradient(range(step * 500, (step + 1) * 500))
         engine.evaluate()
         print(sum(psutil.Process(p).memory_full_info().pss for p in [os.getpid(), *engine.worker_pids()]))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = dict(os.environ)
+    if platform.python_implementation() == "PyPy":
+        env.setdefault("PYPY_GC_NURSERY", NURSERY)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     megabytes = int(done.stdout.split()[-1]) / 2**20
     # PyPy's runtime (JIT, its own GC nursery) costs ~40 MB more per process than CPython; the
