@@ -179,6 +179,7 @@ class WorkerPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+            proc.close()  # its sentinel's descriptor now, not whenever the garbage collector runs
         for conn in self.conns:
             conn.close()
         self.procs, self.conns, self.sentinels = [], [], []

@@ -94,7 +94,8 @@ PHASES = {  # span name -> (category for the stacked bar, colour)
     "read weights": ("compute", "#9ecae9"), "decode": ("compute", "#72b7b2"), "forward": ("compute", "#4c78a8"),
     "backward": ("compute", "#2f4b7c"), "evaluate": ("compute", "#b279a2"),
     "reduce": ("reduce", "#e45756"), "reduce slice": ("reduce", "#e45756"),
-    "update": ("update", "#54a24b"), "checkpoint": ("update", "#eeca3b"),
+    "update": ("update", "#54a24b"), "update slice": ("update", "#54a24b"), "checkpoint": ("update", "#eeca3b"),
+    "pack lanes": ("compute", "#88d27a"),
 }
 CATEGORIES = [("compute", "#4c78a8"), ("messaging", "#f58518"), ("waiting", "#d0d0d0"), ("reduce", "#e45756"),
               ("update", "#54a24b"), ("other", "#f2e6c9")]

@@ -164,6 +164,9 @@ def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) 
         saved.epochs = config.epochs or saved.epochs
         saved.run_dir = str(resume)
         saved.data_dir = os.path.abspath(saved.data_dir)
+        if saved.backend == "ray" and saved.reduce != "parent":  # one from the saved run, one given now
+            raise UserError(f"--backend ray with --reduce {saved.reduce}: the workers' reductions are the local "
+                            f"backend's; resume with --backend local, or with --backend ray --reduce parent")
         return saved, model, checkpoint
     config.data_dir = os.path.abspath(config.data_dir)  # so --resume works from any directory
     sizes = layer_sizes(mnist.PIXELS, config.hidden, mnist.CLASSES)

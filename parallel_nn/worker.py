@@ -92,9 +92,11 @@ def serve(conn, bell, work: "Shard") -> None:
                 work.shared.mailbox.answer(work.slot, number, OK, loss, correct)
                 bell.answer(OK)
             except Exception:
-                conn.send(("error", traceback.format_exc()))  # first: the parent reads it when it sees ERROR
+                # The parent waits on the bell, not on this pipe: the ERROR first, then the traceback,
+                # which it reads from the pipe once it sees ERROR (a long one would fill the pipe).
                 work.shared.mailbox.answer(work.slot, number, ERROR)
                 bell.answer(ERROR)
+                conn.send(("error", traceback.format_exc()))
         if conn.fileno() in ready:
             message = conn.recv_bytes()
             if message == STOP:
@@ -179,10 +181,7 @@ class Shard:
         faults.point("compute")
         with rec.span("read weights"):
             weights = floats(shared.params[current])
-        lanes = None
-        if self.lanes_barrier is not None:
-            with rec.span("pack lanes"):
-                lanes = self.share_lanes(weights)
+        lanes = self.share_lanes(weights, rec) if self.lanes_barrier is not None else None
         flat, loss, correct = shard_gradient(weights, self.sizes, train_images, train_labels, unpack_indices(packed),
                                              self.pixels, augment, rec, lanes)
         with rec.span("write slot"):
@@ -195,23 +194,27 @@ class Shard:
                 shared.reduced[shared.start:shared.stop] = array("d", reduce_sums(shared.parts))
         return loss, correct
 
-    def share_lanes(self, weights) -> tuple | None:
+    def share_lanes(self, weights, rec: Recorder) -> tuple | None:
         """The first layer's weights packed into lanes (CPython's kernels, tensor.sparse_linear) by
         all the workers together: each packs its share of the input columns into the `lanes`
         segment, then, past a barrier, every worker reads them all. The same ints as each packing
         them all (integers are exact), for 1/W of the work. None where W cannot be packed: every
         worker sees the same weights, so all of them skip the barrier alike."""
         inputs, outputs = self.sizes[0], self.sizes[1]
-        rows = [list(weights[j * inputs : (j + 1) * inputs]) for j in range(outputs)]  # lists: scanned 2x faster
-        layout = first_layer_lanes(rows, inputs)
-        if layout is None:
-            return None
-        piece = shard(range(inputs), self.workers)[self.slot]
-        if piece:
-            start, stop, size = piece[0], piece[-1] + 1, layout.count * layout.width
-            self.shared.lanes[start * size : stop * size] = layout.to_bytes(layout.pack_columns([r[start:stop] for r in rows]))
-        self.lanes_barrier.wait(self.slot, self.parent_alive)  # every share is packed
-        return layout, layout.from_bytes(bytes(self.shared.lanes[: inputs * layout.count * layout.width]))
+        with rec.span("pack lanes"):
+            rows = [list(weights[j * inputs : (j + 1) * inputs]) for j in range(outputs)]  # lists: scanned 2x faster
+            layout = first_layer_lanes(rows, inputs)
+            if layout is None:
+                return None
+            piece = shard(range(inputs), self.workers)[self.slot]
+            size = layout.count * layout.width
+            if piece:
+                start, stop = piece[0], piece[-1] + 1
+                self.shared.lanes[start * size : stop * size] = layout.to_bytes(layout.pack_columns([r[start:stop] for r in rows]))
+        with rec.span("barrier"):
+            self.lanes_barrier.wait(self.slot, self.parent_alive)  # every share is packed
+        with rec.span("pack lanes"):
+            return layout, layout.from_bytes(bytes(self.shared.lanes[: inputs * size]))
 
     def update(self, current: int, lr: float, scale: float, t: int, settings: tuple, rec: Recorder) -> None:
         """My slice of weights buffer `current`, updated with my slice of the summed gradient, into

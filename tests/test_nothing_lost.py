@@ -433,3 +433,12 @@ def test_a_listener_that_raises_fails_the_run_without_losing_it(tiny_data, tmp_p
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, 2)  # saved where it stood
     train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))
     assert (tmp_path / "run" / "weights.json").read_bytes() == (tmp_path / "straight" / "weights.json").read_bytes()
+
+
+def test_a_sharded_run_resumed_on_ray_is_refused_in_one_line(tiny_data, tmp_path):
+    """--backend ray refuses a workers' reduction; on --resume one of the two may be the saved run's."""
+    train(config(tiny_data, tmp_path / "run", epochs=1, reduce="sharded"))
+    done = subprocess.run([sys.executable, "-m", "parallel_nn", "--resume", str(tmp_path / "run"), "--epochs", "2",
+                           "--backend", "ray"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "--reduce parent" in done.stderr

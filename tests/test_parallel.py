@@ -337,3 +337,25 @@ def test_a_diverging_sharded_run_keeps_its_last_finite_weights(tiny_data, tmp_pa
                      reduce="sharded", data_dir=str(tiny_data), run_dir=str(tmp_path / "run"), quiet=True))
     for path in (tmp_path / "run").glob("*.json*"):
         assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+
+
+@pytest.mark.parametrize("reduce", ["workers", "sharded"])
+def test_a_long_worker_error_is_reported_at_once_in_broadcast_mode(tiny_splits, monkeypatch, reduce):
+    """A traceback larger than a pipe's buffer must not stall the worker that sends it: the parent
+    hears of the failure on the bell and reads it (the forked workers inherit the patched hook)."""
+    from parallel_nn import faults
+    from parallel_nn.engine import Watchdog, WorkerError
+
+    def fail(phase):
+        if phase == "compute":
+            raise RuntimeError("x" * 1_000_000)
+
+    monkeypatch.setattr(faults, "point", fail)
+    train_set, test_set = tiny_splits
+    with Engine(SIZES, train_set, test_set, 2, "fork", reduce=reduce) as engine:
+        engine.watchdog = Watchdog(30.0)
+        engine.set_params(he_init(SIZES, 0))
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="RuntimeError: xxx"):
+            engine.gradient(range(100))
+        assert time.monotonic() - started < 10
