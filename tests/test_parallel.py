@@ -292,20 +292,20 @@ def test_idle_workers_stay_alive(tiny_splits, method):
         assert engine.restarts == 0
 
 
-@pytest.mark.parametrize("optimizer, weight_decay", [("sgd", 0.0), ("momentum", 0.0), ("nesterov", 1e-3), ("adam", 1e-3)])
-def test_sharded_updates_are_bit_identical_to_the_parents(tiny_data, tmp_path, optimizer, weight_decay):
+@pytest.mark.parametrize("optimizer, weight_decay, workers", [("sgd", 0.0, 3), ("nesterov", 1e-3, 3), ("adam", 1e-3, 3),
+                                                               ("momentum", 0.0, 8)])
+def test_sharded_updates_are_bit_identical_to_the_parents(tiny_data, tmp_path, optimizer, weight_decay, workers):
     """--reduce sharded: every worker updates its own slice of the weights and of the optimizer's
     state; the weights, the state and every metric but the timings equal the default mode's."""
     runs = {}
-    for reduce, workers in (("parent", 3), ("sharded", 3), ("parent", 8), ("sharded", 8)):
-        run_dir = tmp_path / f"{reduce}-{workers}"
+    for reduce in ("parent", "sharded"):
+        run_dir = tmp_path / reduce
         history = train(Config(workers=workers, epochs=2, batch_size=100, optimizer=optimizer, weight_decay=weight_decay,
                                rotate=5, reduce=reduce, data_dir=str(tiny_data), run_dir=str(run_dir), quiet=True))
         checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
-        runs[reduce, workers] = ((run_dir / "weights.json").read_bytes(), checkpoint["optimizer"],
-                                 [(m["train_loss"], m["test_loss"], m["test_accuracy"]) for m in history])
-    assert runs["parent", 3] == runs["sharded", 3]
-    assert runs["parent", 8] == runs["sharded", 8]
+        runs[reduce] = ((run_dir / "weights.json").read_bytes(), checkpoint["optimizer"],
+                        [(m["train_loss"], m["test_loss"], m["test_accuracy"]) for m in history])
+    assert runs["parent"] == runs["sharded"]
 
 
 def test_sharded_updates_survive_a_killed_worker_and_resume_across_modes(tiny_data, tmp_path, capfd):
