@@ -46,12 +46,17 @@ class PipeBarrier:
             _take(release_r, 1, alive)
 
     def close(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds = (-1, -1, -1, -1)
+        self.fds = close_all(self.fds)
+
+
+def close_all(fds: tuple) -> tuple:
+    """Close every descriptor (one already closed is fine); what is left: -1 for each."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return (-1,) * len(fds)
 
 
 def _take(fd: int, count: int, alive: Callable[[], bool]) -> None:

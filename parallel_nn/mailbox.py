@@ -23,6 +23,7 @@ import os
 import struct
 from multiprocessing import reduction
 
+from .barrier import close_all
 from .optim import OPTIMIZERS
 
 #   kind (GRAD, STEP, EVAL), weights buffer, traced, optimizer (index in OPTIMIZERS),
@@ -130,12 +131,7 @@ class Bell:
             return b""
 
     def close(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds = (-1, -1, -1, -1)
+        self.fds = close_all(self.fds)
 
 
 def _rebuild(*dups) -> Bell:
