@@ -90,10 +90,22 @@ class Lanes:
         return [(frm(raw[lane], "little") - bias) / denominator for lane, denominator in self._lanes]
 
 
+# A magnitude at or above this is treated as infinite (floats will do): then no sum of the at most
+# 2**23 values a lane holds can overflow, so a non-finite sum means a non-finite value, and the
+# magnitudes of parts of a lane's values combine into the whole's by `max` (combine).
+HUGE = 2.0**1000
+
+
 def magnitudes(lanes: Iterable[Sequence[float]]) -> list[float]:
     """The largest |value| of each lane, given as the sequence of its values: inf for a lane holding
-    an inf or a nan (or values so large that their sum overflows: floats will do then)."""
+    an inf or a nan, or a value of HUGE or more."""
     return [_largest(values) for values in lanes]
+
+
+def combine(parts: Iterable[Sequence[float]]) -> list[float]:
+    """The magnitudes of whole lanes from those of their parts (each part's `magnitudes`, lane by
+    lane): the same as `magnitudes` of the whole lanes, for any split of their values."""
+    return [max(column) for column in zip(*parts)]
 
 
 def _largest(values: Sequence[float]) -> float:
@@ -101,7 +113,8 @@ def _largest(values: Sequence[float]) -> float:
         return 0.0
     if not math.isfinite(sum(values)):  # max() would skip a nan, depending on where it is
         return math.inf
-    return max(max(values), -min(values))
+    largest = max(max(values), -min(values))
+    return largest if largest < HUGE else math.inf
 
 
 def fits(largest: Iterable[float]) -> bool:

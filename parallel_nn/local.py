@@ -70,7 +70,7 @@ class WorkerPool:
         self.sentinels: list = []
         self.barrier: PipeBarrier | None = None
         self.bell: Bell | None = None
-        self.lanes_barrier: PipeBarrier | None = None
+        self.lanes_barriers: tuple[PipeBarrier, PipeBarrier] | None = None
         # CPython's kernels pack the first layer's weights into lanes every step: with a workers'
         # reduction (a barrier already) the workers split that packing and share it (worker.py)
         self.shares_lanes = KIND == "idioms" and reduce != "parent"
@@ -90,7 +90,7 @@ class WorkerPool:
         if self.reduce != "parent":
             self.segments["mailbox"] = Segment(Mailbox.size(self.workers, self.layout[1][1], AUGMENT_BYTES))
         if self.shares_lanes:
-            self.segments["lanes"] = Segment(lanes_bytes(self.sizes))
+            self.segments["lanes"] = Segment(lanes_bytes(self.sizes, self.workers))
         self.segments["data"] = Segment(offset)
         data = self.segments["data"].buf
         for (start, length), blob in zip(self.layout, blobs):
@@ -124,7 +124,7 @@ class WorkerPool:
         # not multiprocessing's named semaphores, which SIGKILL to the group would leave in /dev/shm.
         self.barrier = PipeBarrier(self.workers) if self.reduce != "parent" else None
         self.bell = Bell() if self.reduce != "parent" else None
-        self.lanes_barrier = PipeBarrier(self.workers) if self.shares_lanes else None
+        self.lanes_barriers = (PipeBarrier(self.workers), PipeBarrier(self.workers)) if self.shares_lanes else None
         self._start_helpers()
         # Workers start with SIGINT and SIGHUP blocked (a signal mask survives fork and exec), so a
         # Ctrl-C or a closed terminal while a spawned worker is still importing cannot kill it or
@@ -134,7 +134,7 @@ class WorkerPool:
         try:
             for k in range(self.workers):
                 parent_end, child_end = self.context.Pipe()
-                proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier, self.bell, self.lanes_barrier),
+                proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier, self.bell, self.lanes_barriers),
                                             name=f"parallel_nn-worker-{k}", daemon=True)
                 proc.start()
                 child_end.close()
@@ -183,10 +183,10 @@ class WorkerPool:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns, self.sentinels = [], [], []
-        for link in (self.barrier, self.bell, self.lanes_barrier):
+        for link in (self.barrier, self.bell, *(self.lanes_barriers or ())):
             if link is not None:
                 link.close()
-        self.barrier = self.bell = self.lanes_barrier = None
+        self.barrier = self.bell = self.lanes_barriers = None
 
     def restart(self) -> None:
         self.stop(graceful=False)

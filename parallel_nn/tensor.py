@@ -223,7 +223,11 @@ def sparse_rows(raw: bytes, width: int) -> list[tuple[list[int], bytes]]:
 def first_layer_lanes(W: Tensor2D, width: int) -> "lanes.Lanes | None":
     """The lanes sparse_linear packs W's columns into, for inputs `width` pixels wide; None where W
     cannot be packed (not finite, or too small) and floats must do."""
-    largest = lanes.magnitudes(W)  # output j's lane holds row j of W
+    return lanes_for(lanes.magnitudes(W), width)  # output j's lane holds row j of W
+
+
+def lanes_for(largest: Sequence[float], width: int) -> "lanes.Lanes | None":
+    """first_layer_lanes from the magnitudes of W's rows (lanes.magnitudes, or lanes.combine of parts)."""
     if not lanes.fits(largest):
         return None
     return lanes.Lanes(largest, LEVELS * width, LEVELS)

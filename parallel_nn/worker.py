@@ -15,12 +15,12 @@ from array import array
 from . import faults
 from .engine import reduce_sums, shard, shard_gradient, shard_predictions, unpack_indices
 from .kernels import floats
-from .lanes import Lanes
+from .lanes import Lanes, combine, magnitudes
 from .mnist import AUGMENT_BYTES
 from .network import parameter_count
 from .mailbox import EVAL, OK, ERROR, STEP, STOP, Mailbox, decode
 from .optim import STATE_VECTORS, Optimizer
-from .tensor import LEVELS, first_layer_lanes
+from .tensor import LEVELS, lanes_for
 from .trace import Recorder
 
 PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}
@@ -50,7 +50,7 @@ def die_with_parent() -> None:
         pass
 
 
-def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barrier=None) -> None:
+def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barriers=None) -> None:
     # Ctrl-C at a terminal, or its closing (SIGHUP), goes to the whole process group; only the
     # parent decides what it means (save, stop the workers). A worker that died of it would look
     # like a crash.
@@ -67,7 +67,7 @@ def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barr
     shared = Shared(spec, slot)
     try:
         work = Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid)
-        work.lanes_barrier = lanes_barrier
+        work.lanes_barriers = lanes_barriers
         serve(conn, bell, work)
     except (EOFError, OSError):
         return  # the parent closed the pipe
@@ -158,7 +158,7 @@ class Shard:
     def __init__(self, shared: Shared, spec: dict, slot: int, barrier, parent_alive):
         self.shared, self.sizes, self.pixels, self.workers = shared, spec["sizes"], spec["pixels"], spec["workers"]
         self.slot, self.barrier, self.parent_alive = slot, barrier, parent_alive
-        self.lanes_barrier = None
+        self.lanes_barriers = None  # (scan, pack): CPython's workers share the packing of the lanes
 
     def run(self, message: bytes, rec: Recorder, mine: bool = False) -> tuple:
         """What `message` asks (mailbox.decode): (loss, correct) of a step, or (loss, predictions) of
@@ -181,7 +181,7 @@ class Shard:
         faults.point("compute")
         with rec.span("read weights"):
             weights = floats(shared.params[current])
-        lanes = self.share_lanes(weights, rec) if self.lanes_barrier is not None else None
+        lanes = self.share_lanes(weights, rec) if self.lanes_barriers is not None else None
         flat, loss, correct = shard_gradient(weights, self.sizes, train_images, train_labels, unpack_indices(packed),
                                              self.pixels, augment, rec, lanes)
         with rec.span("write slot"):
@@ -196,23 +196,33 @@ class Shard:
 
     def share_lanes(self, weights, rec: Recorder) -> tuple | None:
         """The first layer's weights packed into lanes (CPython's kernels, tensor.sparse_linear) by
-        all the workers together: each packs its share of the input columns into the `lanes`
-        segment, then, past a barrier, every worker reads them all. The same ints as each packing
-        them all (integers are exact), for 1/W of the work. None where W cannot be packed: every
-        worker sees the same weights, so all of them skip the barrier alike."""
+        all the workers together, each doing its share of the input columns: it finds its columns'
+        largest magnitude in each row and posts them to the `lanes` segment; past a first barrier,
+        every worker combines the posts into the layout (lanes.combine: what one scan of every
+        column gives); each packs its columns into the segment; past a second barrier, every worker
+        reads them all. The same ints as one worker packing them all (integers are exact), for 1/W
+        of the scanning and packing. None where W cannot be packed: every worker combines the same
+        posts, so all of them skip the second barrier alike."""
         inputs, outputs = self.sizes[0], self.sizes[1]
+        scan, pack = self.lanes_barriers
+        posts = lanes_bytes(self.sizes, 0)  # where the magnitudes go, after the packed columns
         with rec.span("pack lanes"):
-            rows = [list(weights[j * inputs : (j + 1) * inputs]) for j in range(outputs)]  # lists: scanned 2x faster
-            layout = first_layer_lanes(rows, inputs)
+            piece = shard(range(inputs), self.workers)[self.slot]
+            start, stop = (piece[0], piece[-1] + 1) if piece else (0, 0)
+            part = [weights[j * inputs + start : j * inputs + stop] for j in range(outputs)]
+            mine = posts + 8 * self.slot * outputs
+            self.shared.lanes[mine : mine + 8 * outputs] = array("d", magnitudes(part)).tobytes()
+        with rec.span("barrier"):
+            scan.wait(self.slot, self.parent_alive)  # every worker's magnitudes are posted
+        with rec.span("pack lanes"):
+            posted = array("d", bytes(self.shared.lanes[posts : posts + 8 * self.workers * outputs]))
+            layout = lanes_for(combine(posted[k * outputs : (k + 1) * outputs] for k in range(self.workers)), inputs)
             if layout is None:
                 return None
-            piece = shard(range(inputs), self.workers)[self.slot]
             size = layout.count * layout.width
-            if piece:
-                start, stop = piece[0], piece[-1] + 1
-                self.shared.lanes[start * size : stop * size] = layout.to_bytes(layout.pack_columns([r[start:stop] for r in rows]))
+            self.shared.lanes[start * size : stop * size] = layout.to_bytes(layout.pack_columns(part))
         with rec.span("barrier"):
-            self.lanes_barrier.wait(self.slot, self.parent_alive)  # every share is packed
+            pack.wait(self.slot, self.parent_alive)  # every share is packed
         with rec.span("pack lanes"):
             return layout, layout.from_bytes(bytes(self.shared.lanes[: inputs * size]))
 
@@ -250,7 +260,8 @@ def my_part(packed: bytes, augment, workers: int, k: int) -> tuple:
     return packed[4 * start : 4 * stop], part
 
 
-def lanes_bytes(sizes) -> int:
-    """The `lanes` segment's size: every input column of the first layer, packed (Shard.share_lanes)."""
+def lanes_bytes(sizes, workers: int) -> int:
+    """The `lanes` segment's size: every input column of the first layer, packed, then each worker's
+    magnitudes of its columns, one float per row (Shard.share_lanes)."""
     layout = Lanes([1.0] * sizes[1], LEVELS * sizes[0], LEVELS)
-    return sizes[0] * layout.count * layout.width
+    return sizes[0] * layout.count * layout.width + 8 * workers * sizes[1]

@@ -270,6 +270,23 @@ def test_workers_reduction_is_bit_identical_to_the_parents(tiny_splits, method):
     assert results["parent"] == results["workers"]
 
 
+@pytest.mark.parametrize("odd", [math.nan, 2.0**1000, 1e-310])
+def test_first_layer_weights_lanes_cannot_hold_give_the_parents_gradient(tiny_splits, odd):
+    """On CPython the workers' reduction shares the packing of the first layer (worker.share_lanes):
+    weights that lanes cannot hold make every worker fall back to floats alike, as one process does."""
+    train_set, test_set = tiny_splits
+    params = he_init(SIZES, 0)
+    params[5 * 784 + 300] = odd  # row 5 of the first layer; 1e-310: a row too small to scale
+    if odd == 1e-310:
+        params[5 * 784 : 6 * 784] = [1e-310] * 784
+    results = {}
+    for reduce in ("parent", "workers"):
+        with Engine(SIZES, train_set, test_set, 3, "fork", reduce=reduce) as engine:
+            engine.set_params(params)
+            results[reduce] = repr(engine.gradient(range(250)))  # repr: nan == nan
+    assert results["parent"] == results["workers"]
+
+
 def test_a_killed_worker_mid_reduction_is_recovered(tiny_splits):
     train_set, test_set = tiny_splits
     with Engine(SIZES, train_set, test_set, 3, "fork", warn=lambda m: None, reduce="workers") as engine:

@@ -158,6 +158,23 @@ def test_sparse_kernels_fall_back_to_floats_for_what_lanes_cannot_hold(rng, bad)
     assert [[math.isnan(v) for v in row] for row in got] == [[math.isnan(v) for v in row] for row in tensor.weight_grad(dZ, dense)]
 
 
+@pytest.mark.parametrize("odd", [None, math.nan, math.inf, -math.inf, 2.0**1000, -(2.0**1000) * 0.999, 1e308, 1e-310])
+def test_magnitudes_of_parts_combine_into_the_wholes_for_any_split(rng, odd):
+    """Workers that share the first layer's packing each scan their own columns (worker.share_lanes):
+    the combined magnitudes, and so the layout or the fall-back to floats, must be what one scan of
+    the whole rows gives, wherever the rows are split and whatever they hold."""
+    rows = [[rng.uniform(-1, 1) * 10.0 ** rng.randrange(-5, 5) for _ in range(50)] for _ in range(4)]
+    if odd is not None:
+        rows[1][rng.randrange(50)] = odd
+        rows[2] = [odd if k % 7 == 0 else v for k, v in enumerate(rows[2])]  # many: sums that could overflow
+    whole = lanes.magnitudes(rows)
+    for parts in (1, 2, 3, 7, 50, 64):
+        cuts = [len(rows[0]) * k // parts for k in range(parts + 1)]
+        posted = [lanes.magnitudes([r[a:b] for r in rows]) for a, b in zip(cuts, cuts[1:])]
+        assert lanes.combine(posted) == whole, (parts, posted, whole)
+    assert lanes.fits(whole) == (odd is None or (math.isfinite(odd) and abs(odd) < 2.0**1000))  # 1e-310 among larger: fits
+
+
 def test_the_rounder_turns_floats_into_biased_integers(rng):
     """x + ROUNDER packed as a double reads back as BIAS + round(x), for every |x| < 2**51."""
     edges = [0.0, 0.5, 1.5, -0.5, -2.5, 2.0**51 - 0.25, -(2.0**51) + 0.25, 2.0**50 + 0.5]
