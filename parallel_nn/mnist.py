@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import UserError, atomic
-from .kernels import sparse_rows
+from .kernels import KIND, sparse_rows
 from .tensor import SparseMatrix
 
 PIXELS = 28 * 28
@@ -271,25 +271,51 @@ AUGMENT_BYTES = 3  # per image: dx + 128, dy + 128, degrees + 128
 def random_augment(count: int, shift: int, rotate: int, seed: str) -> bytes:
     """(dx + 128, dy + 128, degrees + 128) for `count` images, from a string seed: dx and dy uniform in
     [-shift, shift], degrees in [-rotate, rotate]. The angles come from a second stream, so turning
-    rotation on leaves the shifts what they were.
-
-    It runs in the parent on every step's critical path, so it draws with randrange(2s + 1) - s,
-    which is what randint(-s, s) computes (the same bits of the same stream) without its two extra
-    calls, and builds the bytes once instead of three at a time: about 2x faster (500 images here:
-    PyPy 1.0 -> 0.5 ms, CPython 3.11 1.2 -> 0.7 ms). A draw with s == 0 is always 0, so none is
-    made (that stream's draws reach no other value).
+    rotation on leaves the shifts what they were. The values are randint(-s, s)'s (uniform_bytes).
+    The parent draws the next step's while the workers compute; on a machine with no core to spare
+    that time is taken from a worker, so it is kept small. A draw with s == 0 is always 0, so none
+    is made (that stream's draws reach no other value).
     """
-    values = [128] * (AUGMENT_BYTES * count)
+    values = bytearray([128]) * (AUGMENT_BYTES * count)
     if shift:
-        draw, width, low = random.Random(seed).randrange, 2 * shift + 1, 128 - shift
-        for n in range(0, AUGMENT_BYTES * count, AUGMENT_BYTES):
-            values[n] = low + draw(width)
-            values[n + 1] = low + draw(width)
+        moves = uniform_bytes(seed, 128 - shift, 2 * shift + 1, 2 * count)  # dx, dy, dx, dy, ...
+        values[0::AUGMENT_BYTES] = moves[0::2]
+        values[1::AUGMENT_BYTES] = moves[1::2]
     if rotate:
-        draw, width, low = random.Random(seed + "/rotate").randrange, 2 * rotate + 1, 128 - rotate
-        for n in range(2, AUGMENT_BYTES * count, AUGMENT_BYTES):
-            values[n] = low + draw(width)
+        values[2::AUGMENT_BYTES] = uniform_bytes(seed + "/rotate", 128 - rotate, 2 * rotate + 1, count)
     return bytes(values)
+
+
+def uniform_bytes(seed: str, low: int, width: int, count: int) -> bytes:
+    """`count` values low + randrange(width) from random.Random(seed), as bytes (values past 255 wrap).
+
+    PyPy's JIT runs that loop itself fastest (500 images' shifts: ~0.02 ms on a good day); its cost
+    there was the seeding (`seeded`). CPython pays a call per value (~1 us), so it draws in C:
+    randrange(width) takes the top k = width.bit_length() bits of the generator's next 32-bit word
+    and rejects values >= width; getrandbits(32 * n) is the next n words, the first in its lowest
+    bits, so the top byte of each word is every fourth byte of it in little-endian order; a
+    256-entry table turns each such byte into low + its top k bits, or 0 where that is rejected,
+    and the 0s are dropped. Words drawn beyond the last value needed are never looked at (the
+    generator is this call's own), so the values are the loop's exactly (tests/test_mnist.py).
+    """
+    bits, rng = width.bit_length(), seeded(seed)
+    if KIND == "loops" or not (1 <= low and low + width <= 256 and bits <= 8):
+        draw = rng.randrange
+        return bytes([(low + draw(width)) % 256 for _ in range(count)])
+    table = bytes(low + (b >> (8 - bits)) if b >> (8 - bits) < width else 0 for b in range(256))
+    out = b""
+    while len(out) < count:
+        words = (count - len(out)) * 2 + 8  # each word is kept with probability width / 2**bits > 1/2
+        out += rng.getrandbits(32 * words).to_bytes(4 * words, "little")[3::4].translate(table).replace(b"\0", b"")
+    return out[:count]
+
+
+def seeded(seed: str) -> random.Random:
+    """random.Random(seed): the same generator, the string hashed as random.seed hashes it (its bytes
+    and their SHA-512, as one big-endian int) but by hashlib. PyPy's random module hashes with a
+    SHA-512 written in Python, 0.5-3 ms a seed: most of each step's augmentation there."""
+    data = seed.encode()
+    return random.Random(int.from_bytes(data + hashlib.sha512(data).digest(), "big"))
 
 
 # ---- writing (what tests use to make tiny datasets, and what download stores) ----

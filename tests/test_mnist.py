@@ -291,3 +291,22 @@ def reference_augment(count, shift, rotate, seed):
 def test_random_augment_draws_what_randint_draws(shift, rotate):
     for seed in ("parallel_nn/shift/0/0/0", "parallel_nn/shift/7/3/119"):
         assert mnist.random_augment(500, shift, rotate, seed) == reference_augment(500, shift, rotate, seed)
+
+
+@pytest.mark.parametrize("low, width", [(127, 3), (124, 9), (98, 61), (1, 2), (1, 128), (1, 129), (1, 255), (0, 5), (100, 300)])
+def test_uniform_bytes_are_randranges_draws(low, width):
+    """The draw (CPython's table and bytes; PyPy's loop), against randrange, at every table size (and
+    the loop where a table cannot hold the values)."""
+    import random
+
+    for seed, count in (("a", 0), ("a", 1), ("parallel_nn/shift/0/0/0", 1000), ("b", 5000)):
+        draw = random.Random(seed).randrange
+        assert mnist.uniform_bytes(seed, low, width, count) == bytes((low + draw(width)) % 256 for _ in range(count))
+
+
+def test_seeded_is_random_random_of_the_string():
+    import random
+
+    for seed in ("", "parallel_nn/shift/0/1/5", "é€𝄞" * 40):
+        a, b = mnist.seeded(seed), random.Random(seed)
+        assert [a.getrandbits(32) for _ in range(700)] == [b.getrandbits(32) for _ in range(700)]
