@@ -13,9 +13,12 @@ interpreter, after the same warm-up (the JIT's, on PyPy):
 
     engine efficiency = ceiling step (median) / engine step (median)
 
-1.0 means the engine costs nothing beyond the maths. The table also gives each step's 90th
-percentile (the spread: pauses, contention), and the epoch it implies (120 steps plus one
-evaluation of the test set through the engine).
+1.0 means the engine costs nothing beyond the maths. A synchronous step waits for its slowest
+worker, which plain processes never do: so the table also gives, step by step, the slowest of the
+W plain processes (what a barrier after every step would cost them on this machine, from the same
+runs) and the engine's efficiency against that. And each step's 90th percentile (the spread:
+pauses, contention), and the epoch it implies (120 steps plus one evaluation of the test set
+through the engine).
 """
 
 from __future__ import annotations
@@ -65,15 +68,16 @@ def plain_process(train: mnist.Split, size: int, steps: int, seed: int, start, o
     out.put(times[WARMUP:])
 
 
-def ceiling(train: mnist.Split, workers: int, steps: int) -> list[float]:
-    """Per-step seconds of `workers` plain processes at once, each on batch/workers examples."""
+def ceiling(train: mnist.Split, workers: int, steps: int) -> list[list[float]]:
+    """Per-step seconds of `workers` plain processes at once, each on batch/workers examples: one
+    list per process."""
     context = mp.get_context("fork")  # the processes share the dataset's pages, as workers do
     start, out = context.Barrier(workers), context.Queue()
     size = -(-BATCH // workers)
     procs = [context.Process(target=plain_process, args=(train, size, steps, k, start, out)) for k in range(workers)]
     for p in procs:
         p.start()
-    times = [t for _ in procs for t in out.get()]
+    times = [out.get() for _ in procs]
     for p in procs:
         p.join()
     return times
@@ -113,19 +117,23 @@ def table(worker_counts: list[int], steps: int, rounds: int, reduce: str = "pare
     train, test, which = data.load()
     lines = [f"{interpreter()}, {psutil.cpu_count(logical=False)} cores, {which}, batch {BATCH}, "
              f"{steps} steps after {WARMUP} of warm-up, {rounds} rounds, --reduce {reduce}", "",
-             "| workers | ceiling step (median / p90) | engine step (median / p90) | efficiency | p90 / median | epoch |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| workers | ceiling step (median / p90) | the slowest of the W at each step (median) | engine step (median / p90) "
+             "| efficiency | against the slowest | p90 / median | epoch |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in worker_counts:
-        top, steps_taken, evaluations = [], [], []
+        top, slowest, steps_taken, evaluations = [], [], [], []
         for _ in range(rounds):  # alternated, so that a noisy spell on a shared machine hits both
-            top += ceiling(train, w, steps)
+            per_process = ceiling(train, w, steps)
+            top += [t for times in per_process for t in times]
+            slowest += [max(step) for step in zip(*per_process)]  # what a barrier after every step would cost them
             taken, evaluation = engine(train, test, w, steps, reduce)
             steps_taken += taken
             evaluations.append(evaluation)
         evaluation = statistics.median(evaluations)
-        c, e = statistics.median(top), statistics.median(steps_taken)
-        lines.append(f"| {w} | {1000 * c:.1f} / {1000 * p90(top):.1f} ms | {1000 * e:.1f} / {1000 * p90(steps_taken):.1f} ms "
-                     f"| {c / e:.2f} | {p90(steps_taken) / e:.2f} | {120 * e + evaluation:.2f} s |")
+        c, s, e = statistics.median(top), statistics.median(slowest), statistics.median(steps_taken)
+        lines.append(f"| {w} | {1000 * c:.1f} / {1000 * p90(top):.1f} ms | {1000 * s:.1f} ms "
+                     f"| {1000 * e:.1f} / {1000 * p90(steps_taken):.1f} ms | {c / e:.2f} | {s / e:.2f} "
+                     f"| {p90(steps_taken) / e:.2f} | {120 * e + evaluation:.2f} s |")
     return lines
 
 

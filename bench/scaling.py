@@ -2,12 +2,14 @@
 
 For each worker count it starts the engine, times real training steps (batch 500: gradient across
 the workers + momentum update), one evaluation of the test set and the process tree's memory, and
-extrapolates seconds per epoch (60,000 images = 120 steps, plus evaluation). It then projects an
-8-core machine from parts measured here: one worker's compute on a 63-example shard (what each of
-8 workers gets) plus the parent's serial work at 8 workers. `--ray 1,2` adds rows for the Ray
-backend on a private local instance (its start-up time, the bytes each actor sends and receives).
+extrapolates seconds per epoch (60,000 images = 120 steps, plus evaluation); `--reduce workers`
+and `sharded` are measured at the largest count (or at each of --modes-at). It then projects a
+machine with as many cores as each count beyond this machine's from parts measured here: one
+worker's compute on its shard (63 examples for 8 workers) plus the parent's serial work measured at
+that many workers. `--ray 1,2` adds rows for the Ray backend on a private local instance (its
+start-up time, the bytes each actor sends and receives).
 
-    python -m bench.scaling [--workers 1,2,4,8] [--steps 24] [--ray 1,2] [--markdown FILE] [--plot FILE.png]
+    python -m bench.scaling [--workers 1,2,4,8] [--modes-at 8] [--steps 24] [--ray 1,2] [--markdown FILE] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -134,22 +136,27 @@ def ray_projection(train, update_s: float, gbit: float = 10.0) -> list[str]:
     return lines
 
 
-def projections(rows: list[dict]) -> list[str]:
-    """What a machine with as many cores as the largest worker count measured would do, per mode:
-    one worker's compute on its shard (measured here, in-process) plus the parent's serial CPU
-    measured at that worker count (on this machine the workers share its cores, but the parent's
-    CPU time is its own work)."""
+def projections(rows: list[dict], cores_here: int) -> list[str]:
+    """What machines with as many cores as each worker count measured beyond this machine's would
+    do, per mode: one worker's compute on its shard (measured here, in-process) plus the parent's
+    serial CPU measured at that worker count (on this machine the workers share its cores, but the
+    parent's CPU time is its own work), and the epoch that makes (120 such steps and the
+    evaluation split as many ways)."""
     local = [r for r in rows if r["backend"] == "local"]
-    cores = max(r["workers"] for r in local)
-    shard = shard_compute_seconds(data.load()[0], -(-BATCH // cores))
-    evaluation = local[0]["eval_s"] / cores
-    lines = []
-    for r in (r for r in local if r["workers"] == cores):
-        serial = r["serial_ms"] / 1000
-        lines.append(f"{cores}-core projection, --reduce {r['reduce']}: a {-(-BATCH // cores)}-example shard computes in "
-                     f"{1000 * shard:.1f} ms, the parent's serial part at {cores} workers is {1000 * serial:.2f} ms of CPU, so "
-                     f"a step would take ~{1000 * (shard + serial):.1f} ms and an epoch ~{120 * (shard + serial) + evaluation:.1f} s "
-                     f"(vs {local[0]['epoch_s']:.1f} s with 1 worker here).")
+    counts = sorted({r["workers"] for r in local if r["workers"] > cores_here})
+    if not counts:
+        return []
+    lines = ["Projections from the measured parts (compute of one shard + the parent's serial CPU at that many workers):", "",
+             "| cores | examples per shard | shard compute ms | who reduces | parent serial ms | step ms | epoch s | "
+             "vs 1 worker here |", "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for cores in counts:
+        examples = -(-BATCH // cores)
+        shard = shard_compute_seconds(data.load()[0], examples)
+        for r in (r for r in local if r["workers"] == cores):
+            step = shard + r["serial_ms"] / 1000
+            epoch = 120 * step + local[0]["eval_s"] / cores
+            lines.append(f"| {cores} | {examples} | {1000 * shard:.1f} | {r['reduce']} | {r['serial_ms']:.2f} | "
+                         f"{1000 * step:.1f} | {epoch:.2f} | {local[0]['epoch_s'] / epoch:.1f}x |")
     return lines
 
 
@@ -203,6 +210,8 @@ def main() -> None:
     data.as_the_trainer_runs("bench.scaling")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts to measure (default: %(default)s)")
+    parser.add_argument("--modes-at", default=None, metavar="8,16",
+                        help="worker counts at which --reduce workers and sharded are measured too (default: the largest)")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per worker count (default: %(default)s)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
@@ -216,7 +225,8 @@ def main() -> None:
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {interpreter()}, data: {which}")
     rows = []
     counts = [int(w) for w in args.workers.split(",")]
-    plan = [(w, "parent", "local") for w in counts] + [(max(counts), r, "local") for r in ("workers", "sharded")]
+    modes_at = [int(w) for w in args.modes_at.split(",")] if args.modes_at else [max(counts)]
+    plan = [(w, "parent", "local") for w in counts] + [(w, r, "local") for w in modes_at for r in ("workers", "sharded")]
     plan += [(int(w), "parent", "ray") for w in args.ray.split(",")] if args.ray else []
     for workers, reduce, backend in plan:
         rows.append(measure(workers, args.steps, reduce, backend))
@@ -238,7 +248,7 @@ def main() -> None:
     if local2 and ray2:
         lines += ["", f"Ray / local, 2 workers: {ray2['epoch_s'] / local2['epoch_s']:.2f}x the epoch time; the private Ray "
                   f"instance was ready in {ray2['ready_s']:.1f} s."]
-    lines += [""] + projections(rows)
+    lines += [""] + projections(rows, cores)
     if args.ray:
         params = he_init(SIZES, 0)
         optimizer, grad = Optimizer("momentum", len(params)), [1e-3] * len(params)
