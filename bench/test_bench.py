@@ -4,7 +4,8 @@ Groups:
   step        one training step at batch 500 in one process: the textbook triple loop vs our kernels
   parallel    one data-parallel step (gradient + update) at batch 500 for 1, 2, 4 and 8 workers
               (and 8 with --reduce workers)
-  parent      the parent's serial work per step at 8 workers: combining 8 gradient slots, the update
+  parent      the parent's serial work per step at 8 workers: combining 8 gradient slots, the update;
+              and the line the live page reads, appended to progress.jsonl after every step
   trace       the 2-worker step with --trace recording every span, and without
   evaluate    the 10,000 test images, in-process and across 2 workers
   load        reading + validating the IDX files; decoding one batch of 500 from bytes
@@ -128,6 +129,22 @@ def test_parent_momentum_update(benchmark):
     params, grad = he_init(SIZES, 0), [1e-3] * size
     optimizer = Optimizer("momentum", size)
     benchmark(lambda: optimizer.step(params, [g / BATCH for g in grad], 0.1))
+
+
+@pytest.mark.benchmark(group="parent")
+def test_parent_writes_the_progress_line(benchmark, tmp_path):
+    """What the live page costs the trainer: the line steplog.StepLog appends to progress.jsonl
+    after every step (json, one write, one flush), next to the parent's other per-step work."""
+    from types import SimpleNamespace
+
+    from parallel_nn.events import StepDone
+    from parallel_nn.steplog import StepLog
+
+    log = StepLog(print)
+    log.started(SimpleNamespace(run_dir=tmp_path, epoch=0, step=0, steps_per_epoch=120))
+    done = StepDone(1, 10, 7, 120, BATCH, 0.2873, 461, 3500, 0.41, 0.3012)
+    benchmark(log.step_done, None, done)
+    log.close()
 
 
 @pytest.mark.benchmark(group="evaluate")

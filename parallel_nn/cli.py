@@ -1,4 +1,4 @@
-"""The command line: `python -m parallel_nn [train|evaluate|gradcheck|download|plot] [options]`.
+"""The command line: `python -m parallel_nn [train|evaluate|gradcheck|download|plot|serve] [options]`.
 
 `train` is the default command. Exit codes: 0 success, 2 bad usage, 1 any other failure (one
 line; --debug shows the traceback), 130 interrupted (a checkpoint was saved).
@@ -11,6 +11,7 @@ import json
 import sys
 import traceback
 from dataclasses import fields
+from typing import Optional
 
 import psutil
 
@@ -22,7 +23,7 @@ from .progress import silence, write
 from .rundir import run_files
 from .train import RUNS_ANYWHERE
 
-COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot")
+COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot", "serve")
 DEFAULT_DATA = "datasets/mnist"
 
 
@@ -73,6 +74,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0: a free one), got {value}")
+    return value
+
+
 def layer_list(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",")]
@@ -83,9 +94,10 @@ def layer_list(text: str) -> list[int]:
     return sizes
 
 
-def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, data: bool = True, data_help: Optional[str] = None) -> None:
     if data:
-        p.add_argument("--data-dir", action=Given, default=DEFAULT_DATA, metavar="DIR", help="where the four MNIST IDX files are (default: %(default)s)")
+        p.add_argument("--data-dir", action=Given, default=DEFAULT_DATA, metavar="DIR",
+                       help=(data_help or "where the four MNIST IDX files are") + " (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
@@ -101,7 +113,7 @@ def train_parser() -> argparse.ArgumentParser:
         prog="python -m parallel_nn",
         description="Train a fully connected network on MNIST in pure Python, each mini-batch split "
                     "across worker processes that share the weights through shared memory.",
-        epilog="other commands: evaluate FILE, gradcheck, download, plot RUN_DIR "
+        epilog="other commands: evaluate FILE, gradcheck, download, plot RUN_DIR, serve [DIR] "
                "(`python -m parallel_nn COMMAND --help`)",
     )
     _engine_flags(p, None)
@@ -184,12 +196,34 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, metavar="S", help="which random small problem (default: %(default)s)")
     elif command == "download":
         p = argparse.ArgumentParser(prog=prog, description="Fetch MNIST and verify its SHA-256 checksums (what `make datasets` runs).")
+    elif command == "serve":
+        p = serve_parser(prog)
     else:
         p = argparse.ArgumentParser(prog=prog, description="Plot loss and accuracy per epoch of a run to a PNG, and for a run with --trace its timeline "
                                                   "(timeline.png) and where a step goes (steps.png) (needs matplotlib: pip install -e '.[plot]').")
         p.add_argument("run_dir", metavar="RUN_DIR")
         p.add_argument("--output", default=None, metavar="FILE.png", help="(default: RUN_DIR/curves.png)")
-    _common(p, data=command not in ("gradcheck", "plot"))
+    _common(p, data=command not in ("gradcheck", "plot"),
+            data_help="the MNIST test set, for the test digits a run gets wrong" if command == "serve" else None)
+    return p
+
+
+def serve_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Watch runs learn in a browser: a live page of each run's loss and accuracy step by step, its "
+                    "first layer's filters, the test digits it gets wrong, its trace, and a pad to draw a digit on "
+                    "for the run's latest weights to read. It reads the run directories on every request, so it "
+                    "follows a run another process is training (start one with `make train`) and shows past runs. "
+                    "Standard library only; see docs/live.md for the JSON API.")
+    p.add_argument("dir", nargs="?", default="runs", metavar="DIR",
+                   help="the folder of run directories, or one run directory (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but 127.0.0.1/localhost makes the page and the predict API "
+                        "reachable from the network, with no authentication (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8000, metavar="PORT",
+                   help="port to listen on; 0 takes a free one (the URL printed says which) (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return p
 
 
@@ -287,10 +321,16 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args.dir, args.host, args.port, args.data_dir, args.verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
     command, args = parse(sys.argv[1:] if argv is None else argv)
     handler = {"train": run_train, "evaluate": run_evaluate, "gradcheck": run_gradcheck,
-               "download": run_download, "plot": run_plot}[command]
+               "download": run_download, "plot": run_plot, "serve": run_serve}[command]
     try:
         return handler(args)
     except KeyboardInterrupt:

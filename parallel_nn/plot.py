@@ -58,7 +58,7 @@ def plot_run(run_dir: str, output: Optional[str] = None) -> Path:
 def plot_run_all(run_dir: str, output: Optional[str] = None) -> list[Path]:
     """The curves, and with a trace (--trace) the timeline and the step breakdown beside them."""
     written = [plot_run(run_dir, output)]
-    trace_path = _trace_of(run_dir)
+    trace_path = trace_of(run_dir)
     if trace_path:
         written += plot_trace(trace_path, written[0].parent)
     return written
@@ -101,7 +101,7 @@ CATEGORIES = [("compute", "#4c78a8"), ("messaging", "#f58518"), ("waiting", "#d0
               ("update", "#54a24b"), ("other", "#f2e6c9")]
 
 
-def _trace_of(run_dir: str) -> Optional[Path]:
+def trace_of(run_dir: str) -> Optional[Path]:
     try:
         config = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
@@ -110,7 +110,7 @@ def _trace_of(run_dir: str) -> Optional[Path]:
     return Path(path) if path and Path(path).exists() else None
 
 
-def _processes(events: list) -> tuple[dict, list, list]:
+def trace_parts(events: list) -> tuple[dict, list, list]:
     """(pid -> name, the X spans, the parent's step spans in time order)."""
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
     spans = [e for e in events if e.get("ph") == "X"]
@@ -121,7 +121,7 @@ def _processes(events: list) -> tuple[dict, list, list]:
 def step_breakdown(events: list) -> dict[str, dict[str, float]]:
     """Per process, the mean ms per traced step in each category. A worker's time in a step that no
     span covers is waiting for its next message; the parent's is `other` (progress, bookkeeping)."""
-    names, spans, steps = _processes(events)
+    names, spans, steps = trace_parts(events)
     totals = {pid: dict.fromkeys([c for c, _ in CATEGORIES], 0.0) for pid in names}
     for step in steps:
         lo, hi = step["ts"], step["ts"] + step["dur"]
@@ -141,7 +141,7 @@ def plot_trace(trace_path: Path, output_dir: Path, steps_shown: int = 4) -> list
     from . import trace as trace_file
 
     events = trace_file.load(trace_path)
-    names, spans, steps = _processes(events)
+    names, spans, steps = trace_parts(events)
     if not steps:
         raise UserError(f"{trace_path} has no traced steps")
     plt = _pyplot()
@@ -149,10 +149,17 @@ def plot_trace(trace_path: Path, output_dir: Path, steps_shown: int = 4) -> list
             _step_bars(plt, events, output_dir / "steps.png")]
 
 
-def _timeline(plt, names: dict, spans: list, steps: list, timeline: Path, steps_shown: int) -> Path:
-    """A Gantt chart of `steps_shown` steps of the last traced epoch, one row per process."""
+def timeline_window(steps: list, steps_shown: int) -> tuple[int, list]:
+    """(the last traced epoch, the parent's step spans to show): that epoch's steps after its first
+    (an epoch's first step is not a typical one), or the run's first steps if there are no others."""
     last_epoch = max(s["args"]["epoch"] for s in steps)
     window = [s for s in steps if s["args"]["epoch"] == last_epoch][1 : 1 + steps_shown] or steps[:steps_shown]
+    return last_epoch, window
+
+
+def _timeline(plt, names: dict, spans: list, steps: list, timeline: Path, steps_shown: int) -> Path:
+    """A Gantt chart of `steps_shown` steps of the last traced epoch, one row per process."""
+    last_epoch, window = timeline_window(steps, steps_shown)
     lo, hi = window[0]["ts"], window[-1]["ts"] + window[-1]["dur"]
     rows = sorted(names)
     fig, ax = plt.subplots(figsize=(12, 0.5 * len(rows) + 1.8))

@@ -19,7 +19,7 @@ from typing import Optional
 
 from . import UserError
 
-RUN_FILES = ("config.json", "checkpoint.json", "weights.json", "metrics.jsonl")
+RUN_FILES = ("config.json", "checkpoint.json", "weights.json", "metrics.jsonl", "progress.jsonl")
 LOCK_NAME = ".lock"
 
 
@@ -124,6 +124,29 @@ def holder(run_dir: str | Path) -> Optional[int]:
         return int(text) if text.isdigit() else -1
     finally:
         os.close(fd)
+
+
+def running(run_dir: str | Path) -> bool:
+    """Whether a trainer holds run_dir now, for a reader that looks often (the live page).
+
+    holder() takes a shared lock for an instant, which a trainer starting at that very instant
+    would take for another trainer: so it is asked only when the pid in the lock file is alive (a
+    trainer that has exited leaves its pid there; one that is starting has written none yet)."""
+    try:
+        text = (Path(run_dir) / LOCK_NAME).read_text(errors="replace").strip()
+    except OSError:
+        return False
+    if text.isdigit():
+        try:
+            os.kill(int(text), 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # alive, someone else's
+            pass
+    try:
+        return holder(run_dir) is not None
+    except OSError:
+        return False
 
 
 def remove_leftovers(run_dir: str | Path) -> None:

@@ -1,9 +1,9 @@
 """Starting a training run: settings, the run directory, the data and the engine (the loop is run.py).
 
-A run directory holds config.json, metrics.jsonl (one line per epoch), weights.json (latest) and
-checkpoint.json (enough to resume bit-for-bit). Ctrl-C or SIGTERM does not interrupt a step: it
-sets a flag, the step in flight completes, a checkpoint is written, and the run exits with 130.
-A second Ctrl-C stops at once.
+A run directory holds config.json, metrics.jsonl (one line per epoch), weights.json (latest),
+checkpoint.json (enough to resume bit-for-bit) and progress.jsonl (one line per step, steplog.py).
+Ctrl-C or SIGTERM does not interrupt a step: it sets a flag, the step in flight completes, a
+checkpoint is written, and the run exits with 130. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .optim import DEFAULT_LR, SCHEDULES
 from .progress import Progress
 from .rundir import RunLock
 from .run import Interrupted, Run, RunFiles  # noqa: F401 (Interrupted: what callers of train() catch)
+from .steplog import StepLog
 
 
 @dataclass
@@ -258,7 +259,7 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
             if overwrite:
                 rundir.clear(run_dir)
             atomic.write_json(run_dir / "config.json", {**asdict(config), "python": interpreter()}, indent=2)
-            hooks = [RunFiles(), progress, tracer, *listeners] + ([OnStep(on_step)] if on_step else [])
+            hooks = [RunFiles(), progress, tracer, StepLog(progress.warn), *listeners] + ([OnStep(on_step)] if on_step else [])
             return Run(config, model, checkpoint, engine, data, run_dir, stop, tracer, hooks, data_sha256).fit()
 
 

@@ -28,7 +28,7 @@ def test_learns_the_synthetic_digits_and_writes_the_run_directory(tiny_data, tmp
     assert history[-1]["test_accuracy"] >= 0.95  # random guessing is 0.10
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == [".lock", "checkpoint.json", "config.json", "metrics.jsonl", "weights.json"]  # .lock: see rundir.py
+    assert files == [".lock", "checkpoint.json", "config.json", "metrics.jsonl", "progress.jsonl", "weights.json"]  # .lock: see rundir.py
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines == history
     for key in ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
@@ -177,10 +177,14 @@ def test_a_full_disk_loses_nothing(tiny_data, tmp_path, monkeypatch):
         train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))
     after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     assert sorted(after) == sorted(before)  # no temporary files left behind
-    assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items() if k != "config.json"}
+    # progress.jsonl has the steps made since (a resume cuts it back to the checkpoint's)
+    changing = ("config.json", "progress.jsonl")
+    assert {k: v for k, v in after.items() if k not in changing} == {k: v for k, v in before.items() if k not in changing}
     monkeypatch.undo()
     train(config(tiny_data, None, epochs=2), resume=str(tmp_path / "run"))  # and the run still resumes
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    steps = [json.loads(line)["i"] for line in (tmp_path / "run" / "progress.jsonl").read_text().splitlines()]
+    assert steps == list(range(len(steps))) and len(steps) == 2 * len(before["progress.jsonl"].splitlines())
 
 
 def test_a_closed_pipe_is_quiet(tiny_data, tmp_path):

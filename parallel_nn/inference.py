@@ -1,0 +1,125 @@
+"""A run's latest weights at work, for the live page: the digit drawn on the pad, the first layer's
+filters as pictures, and the test digits it gets wrong.
+
+The forward pass is the trainer's own (network.forward; engine.shard_predictions, what every
+worker runs for `evaluate`), on pixels decoded as in training (level / 255), so the page agrees
+with `python -m parallel_nn evaluate`. Weights are cached by their file's mtime and size, the test
+set's predictions by those and the data folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+from . import UserError, mnist
+from .checkpoint import load_model
+from .engine import shard_predictions
+from .network import Model, forward, unflatten
+
+MAX_ITEMS = 200
+
+
+def weights_path(run: Path) -> Optional[Path]:
+    """The run's latest weights: weights.json, else its checkpoint."""
+    for name in ("weights.json", "checkpoint.json"):
+        if (run / name).is_file():
+            return run / name
+    return None
+
+
+def softmax(z: list[float]) -> list[float]:
+    top = max(z)
+    e = [math.exp(v - top) for v in z]
+    total = sum(e)
+    return [v / total for v in e]
+
+
+def filters(model: Model) -> dict:
+    """Each first-layer unit's input weights as 0..255, 128 = zero, scaled by the unit's own max |w|."""
+    W, _ = unflatten(model.params, model.sizes)[0]
+    pictures = []
+    for row in W:
+        scale = max(abs(w) for w in row) or 1.0
+        pictures.append([min(255, max(0, 128 + round(127 * w / scale))) for w in row])
+    side = math.isqrt(model.sizes[0])
+    shape = [side, side] if side * side == model.sizes[0] else [1, model.sizes[0]]
+    return {"shape": shape, "filters": pictures}
+
+
+def predict(model: Model, pixels: list[int]) -> dict:
+    """The digit and the 10 probabilities for one image of 0..255 levels (row-major)."""
+    layers = unflatten(model.params, model.sizes)
+    Zs, _ = forward(layers, mnist.decode_batch(bytes(pixels), [0], len(pixels)))
+    z = Zs[-1][0]
+    return {"digit": z.index(max(z)), "probabilities": softmax(z)}
+
+
+class Cache:
+    """Weights per file and test-set predictions per (weights, data folder), recomputed only when a
+    file changes. Thread-safe: a computation in progress is waited for, not repeated."""
+
+    KEEP = 8  # test-set predictions of this many weights files are kept
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        self.lock = threading.Lock()  # the weights and the test set
+        self.computing = threading.Lock()  # the test set's predictions (a second or so)
+        self.models: dict = {}  # path -> (stamp, Model)
+        self.test: Optional[tuple] = None  # (stamp, Split)
+        self.wrong: dict = {}  # (weights path, stamp, data stamp) -> (total, [(index, label, predicted)])
+
+    @staticmethod
+    def stamp(path: Path) -> tuple:
+        info = os.stat(path)
+        return info.st_mtime_ns, info.st_size
+
+    def weights(self, run: Path) -> tuple[tuple, Model]:
+        """(path and stamp of the file, the run's latest weights); UserError if it has none yet."""
+        path = weights_path(run)
+        if path is None:
+            raise UserError("this run has no weights yet (they are written after its first epoch)")
+        with self.lock:
+            try:
+                stamp = (path, *self.stamp(path))
+            except FileNotFoundError:
+                raise UserError("this run has no weights yet (they are written after its first epoch)") from None
+            cached = self.models.get(path)
+            if cached is None or cached[0] != stamp:
+                cached = self.models[path] = (stamp, load_model(path))
+            return cached
+
+    def model(self, run: Path) -> Model:
+        return self.weights(run)[1]
+
+    def test_set(self) -> tuple[tuple, mnist.Split]:
+        """(its files' stamp, the test split) from the data folder; UserError if it is missing."""
+        folder = Path(self.data_dir)
+        with self.lock:
+            names = [folder / f"t10k-{kind}-ubyte{gz}" for kind in ("images-idx3", "labels-idx1") for gz in (".gz", "")]
+            stamp = tuple(self.stamp(p) if p.exists() else None for p in names)
+            if self.test is None or self.test[0] != stamp:
+                self.test = (stamp, mnist.load_split(folder, "t10k"))
+            return self.test
+
+    def misclassified(self, run: Path, limit: int) -> dict:
+        """The test digits the run's latest weights get wrong, the first `limit` with their pixels."""
+        data_stamp, test_set = self.test_set()
+        weights_stamp, model = self.weights(run)
+        key = (weights_stamp, data_stamp)
+        with self.computing:
+            if key not in self.wrong:
+                _, predictions = shard_predictions(model.params, model.sizes, test_set.images, test_set.labels, 0,
+                                                   test_set.count, test_set.pixels)
+                wrong = [(k, y, p) for k, (y, p) in enumerate(zip(test_set.labels, predictions)) if y != p]
+                while len(self.wrong) >= self.KEEP:
+                    del self.wrong[next(iter(self.wrong))]
+                self.wrong[key] = (test_set.count, wrong)
+            total, wrong = self.wrong[key]
+        n = test_set.pixels
+        items = [{"index": k, "label": y, "predicted": p, "pixels": list(test_set.images[k * n : (k + 1) * n])}
+                 for k, y, p in wrong[: max(0, min(MAX_ITEMS, limit))]]
+        return {"total": total, "wrong": len(wrong), "items": items}

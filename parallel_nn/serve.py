@@ -1,0 +1,273 @@
+"""`python -m parallel_nn serve [DIR]`: the live page and its JSON API (api.py), over HTTP with the
+standard library (http.server), one thread per request.
+
+Safe by default: it binds 127.0.0.1 (a --host reachable from the network is announced with a
+warning), and while bound to a loopback address it answers only requests addressed to a loopback
+name or that address (a web page elsewhere that points a name of its own at 127.0.0.1, DNS
+rebinding, is refused). It serves the files of the
+package's page folder by name, and of the run directories only what the API makes of them; a path
+with `..` in it is refused before anything is looked up. Quiet unless --verbose. Ctrl-C stops it
+at once: the event streams' threads are daemons and see the server closing.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import select
+import socket
+import socketserver
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import UserError
+from .api import MAX_BODY, ApiError, answer, event_stream, find_run, route
+from .inference import Cache
+from .progress import write
+from .runinfo import list_runs
+
+PAGE_DIR = Path(__file__).resolve().parent / "page"
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".png": "image/png", ".txt": "text/plain; charset=utf-8"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CONNECTION_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server over the runs in `root`; `closing` is set when it stops."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path, host: str, port: int, data_dir: str, page_dir: Path = PAGE_DIR,
+                 verbose: bool = False):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.root, self.page_dir, self.verbose = Path(root), Path(page_dir), verbose
+        self.cache = Cache(data_dir)
+        self.closing = threading.Event()
+        self.loopback_only = loopback(host)
+        self.host_names = {*LOOPBACK, host.lower()}
+        super().__init__((host, port), Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's own asks the resolver for the host's full name, which can take seconds where
+        # DNS does not answer; nothing here uses it
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    def stop(self) -> None:
+        """From another thread than serve_forever's: end the streams, stop serving, close the socket."""
+        self.closing.set()
+        self.shutdown()
+        self.server_close()
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, CONNECTION_ERRORS):  # the client went away: nothing to say
+            return
+        if self.verbose:
+            super().handle_error(request, client_address)
+        else:
+            write(sys.stderr, f"serve: {type(error).__name__}: {error}\n")
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "parallel_nn"
+    timeout = 30  # seconds a client may take to send its request, or to take what is sent to it
+    server: Server
+
+    def log_message(self, format, *args) -> None:
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self.dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self.dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self.dispatch("PATCH")
+
+    def do_HEAD(self) -> None:
+        self.dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self.dispatch("OPTIONS")
+
+    def dispatch(self, method: str) -> None:
+        self.close_connection = True
+        try:
+            self.check_host()
+            segments, query = self.parse_path()
+            endpoint, name = route(method, segments)
+            self.serve(endpoint, name, query)
+        except ApiError as e:
+            self.send_json({"error": e.message}, e.status, {"Allow": e.allow} if e.allow else None)
+        except CONNECTION_ERRORS:
+            pass
+        except Exception as e:  # a bug: one line for the client, one on the server's stderr
+            write(sys.stderr, f"serve: {self.command} {self.path[:200]}: {type(e).__name__}: {e}\n")
+            self.send_json({"error": f"internal error: {type(e).__name__}"}, 500)
+
+    def check_host(self) -> None:
+        if not self.server.loopback_only:
+            return
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.split(":")[0]
+        if name not in self.server.host_names:
+            raise ApiError(403, f"this server answers only requests to 127.0.0.1 or localhost, not {host[:80]!r}")
+
+    def parse_path(self) -> tuple[list[str], dict]:
+        """The path's segments, percent-decoded, and the query; ApiError 404 for any `..` or a segment
+        that is not a plain name."""
+        parts = urlsplit(self.path)
+        if ".." in parts.path or ".." in unquote(parts.path):
+            raise ApiError(404, "no such path")
+        segments = [unquote(s) for s in parts.path.split("/")[1:]]
+        for k, s in enumerate(segments):
+            if any(c in s for c in "/\\\0") or s == "." or (not s and k < len(segments) - 1):
+                raise ApiError(404, "no such path")
+        return segments, parse_qs(parts.query)
+
+    def serve(self, endpoint: str, name: Optional[str], query: dict) -> None:
+        if endpoint in ("page", "static"):
+            self.send_static("index.html" if endpoint == "page" else name)
+        elif endpoint == "runs":
+            self.send_json(list_runs(self.server.root))
+        elif endpoint == "events":
+            self.send_stream(find_run(self.server.root, name), query)
+        else:
+            run = find_run(self.server.root, name)
+            body = self.read_body() if endpoint == "predict" else None
+            self.send_json(answer(self.server, endpoint, run, query, body))
+
+    def read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise ApiError(400, "send the body with a Content-Length, not chunked")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(400, "a JSON body with a Content-Length is required") from None
+        if length > MAX_BODY:
+            raise ApiError(413, f"the body is {length} bytes; at most {MAX_BODY} are accepted")
+        if length < 0:
+            raise ApiError(400, "a negative Content-Length")
+        return self.rfile.read(length)
+
+    def send_static(self, name: str) -> None:
+        folder = self.server.page_dir
+        try:
+            names = set(os.listdir(folder))
+        except OSError:
+            names = set()
+        path = folder / name
+        kind = CONTENT_TYPES.get(os.path.splitext(name)[1].lower())
+        if name not in names or kind is None or not path.is_file():
+            raise ApiError(404, f"the page is not installed ({path} is missing)" if name == "index.html"
+                           else f"no file {name!r}")
+        self.send_bytes(path.read_bytes(), kind, {"Cache-Control": "no-cache"})
+
+    def send_json(self, obj, status: int = 200, headers: Optional[dict] = None) -> None:
+        self.send_bytes(json.dumps(obj).encode(), "application/json", {"Cache-Control": "no-store", **(headers or {})},
+                        status)
+
+    def send_bytes(self, data: bytes, kind: str, headers: dict, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_stream(self, run: Path, query: dict) -> None:
+        from .api import int_param
+
+        since = int_param(query, "since", 0, 0)
+        last_id = (self.headers.get("Last-Event-ID") or "").strip()
+        if last_id.isdigit():  # a browser reconnecting: go on after the last step it had
+            since = max(since, int(last_id) + 1)
+        self.send_response(200)
+        for key, value in (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
+                           ("X-Accel-Buffering", "no"), ("X-Content-Type-Options", "nosniff")):
+            self.send_header(key, value)
+        self.end_headers()
+        stream = event_stream(run, since, self.server.closing, self.client_gone)
+        try:
+            for text in stream:
+                self.wfile.write(text.encode())
+        except CONNECTION_ERRORS + (OSError,):
+            pass
+        finally:
+            stream.close()
+
+    def client_gone(self) -> bool:
+        """Whether the client closed its end (it sends nothing more on a stream, so a readable socket
+        that reads as empty is a closed one)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0, data_dir: str = "datasets/mnist",
+                page_dir: Path = PAGE_DIR, verbose: bool = False) -> Server:
+    """The server, bound and listening but not yet serving (call serve_forever, then stop)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is not a directory: pass the runs folder (default runs/) or one run directory")
+    try:
+        return Server(root, host, port, data_dir, page_dir, verbose)
+    except OSError as e:
+        hint = "; pass another --port (0 takes a free one)" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+
+
+def serve(root: str, host: str, port: int, data_dir: str, verbose: bool = False) -> int:
+    """The `serve` command: listen, say where, serve until Ctrl-C (exit 130)."""
+    server = make_server(root, host, port, data_dir, verbose=verbose)
+    shown = root if root.endswith("/") else root + "/"
+    if not Path(root).exists():
+        write(sys.stderr, f"note: {root} does not exist yet; runs will show up once training writes them there\n")
+    if not server.loopback_only:
+        write(sys.stderr, f"WARNING: listening on {host}: the page and the predict API are reachable from the network, "
+                          f"with no authentication (the default, 127.0.0.1, is this machine only)\n")
+    write(sys.stdout, f"serving {shown} at {server.url} (Ctrl-C stops)\n")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        server.closing.set()
+        raise
+    finally:
+        server.server_close()
+    return 0
