@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a result file should read like any other
         faults.point(f"write {path.name} before rename")
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException as e:  # a full disk, or a second Ctrl-C mid-write: never leave the temporary file
         try:
             os.unlink(tmp)
@@ -36,6 +37,20 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise UserError(f"cannot write {path}: {e.strerror or e} (the previous version, if any, is unchanged)") from e
         raise
     faults.point(f"write {path.name} after rename")
+
+
+def replace(tmp: str, path: Path, tries: int = 50) -> None:
+    """os.replace, retried for a while where a reader holding `path` open makes it fail (Windows
+    refuses to replace a file another process has open: PermissionError; the live page and
+    `evaluate` read these files while a run writes them). POSIX never refuses, so never waits."""
+    for attempt in range(tries):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))  # up to ~25 s in all
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:

@@ -18,7 +18,8 @@ import psutil
 from . import UserError
 from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
 from .backends import BACKENDS
-from .local import REDUCERS, START_METHODS
+from .capabilities import START_METHODS
+from .local import REDUCERS
 from .progress import silence, write
 from .rundir import run_files
 from .train import RUNS_ANYWHERE

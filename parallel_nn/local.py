@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
-import signal
 import time
 from array import array
 from typing import Callable, Sequence
 
 from . import faults
+from .capabilities import SELECT_PIPES, SIGHUP, TERMINAL_SIGNALS, signals_blocked
 from .barrier import PipeBarrier
 from .engine import (Engine, StopRequested, WorkerCrashed, WorkerDied, WorkerError, batch_messages, eval_ranges,
                      pack_indices, reduce_sums)
@@ -43,10 +43,9 @@ from .optim import STATE_VECTORS
 from .shm import Segment
 from .exchange import Exchange
 from .mailbox import EVAL, GRAD, STEP, STOP, Bell, Mailbox, encode, encode_batch
-from .worker import PARENTS_SIGNALS, STATE_SLOTS, lanes_bytes, slot_views, worker_main
+from .worker import STATE_SLOTS, lanes_bytes, slot_views, worker_main
 
-START_METHODS = ("fork", "spawn", "forkserver")
-REDUCERS = ("parent", "workers", "sharded")
+REDUCERS = ("parent", "workers", "sharded") if SELECT_PIPES else ("parent",)  # capabilities.py
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
 
 
@@ -126,12 +125,12 @@ class WorkerPool:
         self.bell = Bell() if self.reduce != "parent" else None
         self.lanes_barriers = (PipeBarrier(self.workers), PipeBarrier(self.workers)) if self.shares_lanes else None
         self._start_helpers()
-        # Workers start with SIGINT and SIGHUP blocked (a signal mask survives fork and exec), so a
-        # Ctrl-C or a closed terminal while a spawned worker is still importing cannot kill it or
-        # print a traceback; the worker ignores both, then unblocks them. A signal meant for the
-        # trainer meanwhile stays pending and is delivered when the mask is restored here.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, PARENTS_SIGNALS)
-        try:
+        # Workers start with the terminal's signals blocked (a signal mask survives fork and exec),
+        # so a Ctrl-C or a closed terminal while a spawned worker is still importing cannot kill it
+        # or print a traceback; the worker ignores them, then unblocks them. A signal meant for the
+        # trainer meanwhile stays pending and is delivered when the mask is restored here. (No
+        # signal mask on Windows: there the worker ignores them from its first line on.)
+        with signals_blocked(TERMINAL_SIGNALS):
             for k in range(self.workers):
                 parent_end, child_end = self.context.Pipe()
                 proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier, self.bell, self.lanes_barriers),
@@ -141,27 +140,26 @@ class WorkerPool:
                 self.procs.append(proc)
                 self.conns.append(parent_end)
                 self.sentinels.append(proc.sentinel)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _start_helpers(self) -> None:
         """The forkserver or resource tracker that the start method needs, started now with SIGHUP
         blocked: they do not ignore it themselves, and a closed terminal must not kill them under
         the trainer. (Starting the resource tracker unblocks SIGINT and SIGTERM in the caller when
-        it is done, which would undo a mask set before it for the workers; it ignores those two.)"""
+        it is done, which would undo a mask set before it for the workers; it ignores those two.)
+        Windows' spawn needs no tracker, and has none to start."""
         method = self.context.get_start_method()
-        helpers = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-        try:
+        with signals_blocked({SIGHUP}):
             if method == "forkserver":
                 from multiprocessing import forkserver
 
                 forkserver.ensure_running()  # starts the resource tracker too
             elif method == "spawn":
-                from multiprocessing import resource_tracker
+                try:
+                    from multiprocessing import resource_tracker
 
-                resource_tracker.ensure_running()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, helpers)
+                    resource_tracker.ensure_running()
+                except (ImportError, AttributeError):
+                    pass
 
     def stop(self, graceful: bool) -> None:
         if graceful:

@@ -41,12 +41,35 @@ def silence(stream) -> None:
         pass
 
 
+def ansi_terminal() -> bool:
+    """Whether the terminal understands ANSI escapes (`\033[K`: erase the line): POSIX terminals
+    do, unless TERM says `dumb`; a Windows console does from Windows 10 on, once asked to (a
+    legacy console would print them as garbage)."""
+    if os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # Windows only: AttributeError elsewhere
+    except (ImportError, AttributeError):
+        return True
+    try:
+        handle = kernel32.GetStdHandle(-12)  # STD_ERROR_HANDLE
+        mode = ctypes.c_uint32()
+        return bool(kernel32.GetConsoleMode(handle, ctypes.byref(mode))
+                    and kernel32.SetConsoleMode(handle, mode.value | 0x0004))  # ENABLE_VIRTUAL_TERMINAL_PROCESSING
+    except (OSError, AttributeError):
+        return False
+
+
 class Progress(Listener):
     """A live line on a terminal (stderr); nothing between epochs otherwise; silent with --quiet.
     As a run's listener it says what the run is doing: the lines `make train` shows."""
 
     def __init__(self, quiet: bool):
         self.live = not quiet and sys.stderr is not None and sys.stderr.isatty()
+        self.ansi = self.live and ansi_terminal()
+        self.width = 0  # of the live line shown, which clear() overwrites with spaces where there is no ANSI
         self.quiet = quiet
         self.last = 0.0
 
@@ -57,7 +80,9 @@ class Progress(Listener):
         self.last = now
         rate = seen / seconds if seconds > 0 else 0.0
         eta = (total - done) * seconds / max(1, done)
-        self._live(f"\repoch {epoch}/{epochs} [{done:>4}/{total}] {rate:7,.0f} ex/s  loss {loss:.4f}  ETA {eta:4.0f}s ")
+        line = f"epoch {epoch}/{epochs} [{done:>4}/{total}] {rate:7,.0f} ex/s  loss {loss:.4f}  ETA {eta:4.0f}s "
+        self._live("\r" + line)
+        self.width = len(line)
 
     def _live(self, text: str) -> None:
         if not write(sys.stderr, text):
@@ -65,7 +90,7 @@ class Progress(Listener):
 
     def clear(self) -> None:
         if self.live:
-            self._live("\r\033[K")
+            self._live("\r\033[K" if self.ansi else "\r" + " " * self.width + "\r")
 
     def epoch(self, m: dict, epochs: int) -> None:
         self.say(f"epoch {m['epoch']:>2}/{epochs}  train loss {m['train_loss']:.4f} acc {100 * m['train_accuracy']:.2f}%  "

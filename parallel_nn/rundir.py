@@ -4,14 +4,15 @@
   `--overwrite` replaces it on purpose, `--resume` continues it.
 - A default directory, runs/<timestamp>, is created with an exclusive mkdir; a name already taken
   (another run, even one started in the same second) gets a suffix: runs/<timestamp>-2, -3, ...
-- A running trainer holds `.lock` in its directory with fcntl.flock. The kernel drops the lock
-  when the process exits however it dies, so a crash or SIGKILL leaves nothing that blocks
-  `--resume`; the file keeps the holder's pid only to name it in the refusal.
+- A running trainer holds `.lock` in its directory: with fcntl.flock where there is fcntl (Linux,
+  macOS), else with msvcrt.locking on one byte far past the pid (Windows, which has no shared
+  locks: a reader that asks takes the byte and lets it go). The kernel drops the lock when the
+  process exits however it dies, so a crash or SIGKILL leaves nothing that blocks `--resume`; the
+  file keeps the holder's pid only to name it in the refusal.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
@@ -19,8 +20,15 @@ from typing import Optional
 
 from . import UserError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 RUN_FILES = ("config.json", "checkpoint.json", "weights.json", "metrics.jsonl", "progress.jsonl")
 LOCK_NAME = ".lock"
+LOCK_BYTE = 1 << 20  # msvcrt: the byte locked, past the pid (a locked range cannot be read on Windows)
 
 
 def run_files(directory: str | Path) -> list[str]:
@@ -80,9 +88,7 @@ class RunLock:
         except OSError as e:
             raise UserError(f"cannot use {self.path.parent} as a run directory: {e.strerror or e}; "
                             "choose a writable --run-dir") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(fd, exclusive=True):
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise UserError(f"{self.path.parent} is in use by another trainer (pid {holder}); "
@@ -96,7 +102,8 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             _held.discard(self._fd)
-            os.close(self._fd)  # closing the only descriptor releases the lock
+            _unlock(self._fd)
+            os.close(self._fd)  # closing the only descriptor releases the lock anyway
             self._fd = None
 
     def discard(self, remove_directory: bool = False) -> None:
@@ -115,15 +122,46 @@ def holder(run_dir: str | Path) -> Optional[int]:
     path = Path(run_dir) / LOCK_NAME
     if not path.exists():
         return None
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY if fcntl is not None else os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # we could take it: nobody holds it
-    except BlockingIOError:
+        if _lock(fd, exclusive=False):
+            _unlock(fd)
+            return None  # we could take it: nobody holds it
         text = os.read(fd, 64).decode(errors="replace").strip()
         return int(text) if text.isdigit() else -1
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, exclusive: bool) -> bool:
+    """Take the run lock on the open `.lock` (shared, where there are shared locks), without
+    waiting: whether it was taken."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+    os.lseek(fd, LOCK_BYTE, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+
+
+def _unlock(fd: int) -> None:
+    if fcntl is not None:
+        return  # flock: closing the descriptor releases it
+    os.lseek(fd, LOCK_BYTE, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
 
 
 def running(run_dir: str | Path) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import UserError, atomic, faults, mnist, rundir, trace
+from .capabilities import STOP_SIGNALS
 from .backends import create_engine
 from .checkpoint import load_checkpoint, load_model
 from .engine import Watchdog
@@ -94,14 +95,15 @@ class Config:
 
 
 class StopFlag:
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal, a dropped SSH session) set a flag checked
-    between steps; a second signal raises KeyboardInterrupt."""
+    """SIGINT, SIGTERM and, where they exist, SIGHUP (a closed terminal, a dropped SSH session) and
+    SIGBREAK (Ctrl-Break in a Windows console) set a flag checked between steps; a second signal
+    raises KeyboardInterrupt."""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):

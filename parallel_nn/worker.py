@@ -11,8 +11,10 @@ import signal
 import select
 import traceback
 from array import array
+from multiprocessing.connection import wait
 
 from . import faults
+from .capabilities import SELECT_PIPES, TERMINAL_SIGNALS, unblock
 from .engine import reduce_sums, shard, shard_gradient, shard_predictions, unpack_indices
 from .kernels import floats
 from .lanes import Lanes, combine, magnitudes
@@ -23,7 +25,6 @@ from .optim import STATE_VECTORS, Optimizer
 from .tensor import LEVELS, lanes_for
 from .trace import Recorder
 
-PARENTS_SIGNALS = {signal.SIGINT, signal.SIGHUP}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h  # sent to the whole group, meant for the trainer alone
 
 
@@ -46,7 +47,7 @@ def die_with_parent() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError, ImportError):
+    except (OSError, AttributeError, ImportError, TypeError):  # no prctl, no SIGKILL, no C library by that name
         pass
 
 
@@ -54,9 +55,9 @@ def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barr
     # Ctrl-C at a terminal, or its closing (SIGHUP), goes to the whole process group; only the
     # parent decides what it means (save, stop the workers). A worker that died of it would look
     # like a crash.
-    for sig in PARENTS_SIGNALS:
+    for sig in TERMINAL_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENTS_SIGNALS)  # blocked by the parent while starting us
+    unblock(TERMINAL_SIGNALS)  # blocked by the parent while starting us, where signals can be blocked
     # A forked worker inherits the trainer's SIGTERM handler (which only sets a flag); terminate()
     # must end it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -80,7 +81,10 @@ def serve(conn, bell, work: "Shard") -> None:
     it sends STOP or goes away."""
     sources = [conn.fileno()] + ([bell.go] if bell is not None else [])
     while True:
-        ready = select.select(sources, [], [], 1.0)[0]
+        if SELECT_PIPES:
+            ready = select.select(sources, [], [], 1.0)[0]
+        else:  # Windows: select takes sockets only; no bell there (only the parent reduces)
+            ready = [conn.fileno()] if wait([conn], 1.0) else []
         if not ready:
             if not work.parent_alive():
                 return

@@ -1,0 +1,54 @@
+"""What this platform offers, asked once and by capability, never by the platform's name, so that
+each path can be exercised on Linux by taking a capability away (tools/emulate, and
+tests/test_platforms.py).
+
+    signals     SIGHUP (a closed terminal) and a thread's signal mask exist on Linux and macOS,
+                not on Windows, whose consoles send Ctrl-C and Ctrl-Break (SIGBREAK) instead
+    starting    the start methods multiprocessing offers here; the default is the platform's
+                (fork on Linux; spawn on macOS, where fork is unsafe with some system
+                libraries, and on Windows, where it is the only one)
+    memory      anonymous shared memory: shm.py chooses between memfd, an unlinked POSIX
+                segment and a named Windows section
+    locking     rundir.py chooses between flock and msvcrt's locking
+    waiting     select() on pipes' descriptors, which the workers' reduction (its barrier and the
+                mailbox's bell: pipes) needs, is POSIX's; Windows' select takes sockets only, so
+                there the workers wait on their Connection and only the parent reduces
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import select
+import signal
+
+SIGHUP = getattr(signal, "SIGHUP", None)
+SIGBREAK = getattr(signal, "SIGBREAK", None)  # Windows: Ctrl-Break
+# What a terminal sends its whole process group, workers included, and only the trainer acts on
+TERMINAL_SIGNALS = frozenset(s for s in (signal.SIGINT, SIGHUP, SIGBREAK) if s is not None)
+# What asks a run to stop (after saving): those, and SIGTERM
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + tuple(s for s in (SIGHUP, SIGBREAK) if s is not None)
+CAN_MASK = hasattr(signal, "pthread_sigmask")
+SELECT_PIPES = hasattr(select, "poll")  # POSIX: select() takes any descriptor
+START_METHODS = tuple(m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods())
+
+
+@contextlib.contextmanager
+def signals_blocked(signals):
+    """Block `signals` in this thread inside the block. A mask survives fork and exec, so a process
+    started inside starts with them blocked (until it unblocks them). Where there is no signal mask
+    (Windows), nothing: a worker then ignores the terminal's signals from its first line on."""
+    signals = {s for s in signals if s is not None}
+    if not CAN_MASK or not signals:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def unblock(signals) -> None:
+    if CAN_MASK:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))
