@@ -40,15 +40,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def replace(tmp: str, path: Path, tries: int = 50) -> None:
-    """os.replace, retried for a while where a reader holding `path` open makes it fail (Windows
-    refuses to replace a file another process has open: PermissionError; the live page and
-    `evaluate` read these files while a run writes them). POSIX never refuses, so never waits."""
+    """os.replace, retried for a while where Windows refuses it because a reader holds `path` open
+    (access denied or a sharing violation: the live page and `evaluate` read these files while a
+    run writes them). Any other error, and every error elsewhere, is raised at once."""
     for attempt in range(tries):
         try:
             os.replace(tmp, path)
             return
-        except PermissionError:
-            if attempt == tries - 1:
+        except PermissionError as e:
+            if getattr(e, "winerror", None) not in (5, 32) or attempt == tries - 1:  # only Windows' errors carry it
                 raise
             time.sleep(0.02 * (attempt + 1))  # up to ~25 s in all
 

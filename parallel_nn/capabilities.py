@@ -37,16 +37,36 @@ START_METHODS = tuple(m for m in ("fork", "spawn", "forkserver") if m in mp.get_
 def signals_blocked(signals):
     """Block `signals` in this thread inside the block. A mask survives fork and exec, so a process
     started inside starts with them blocked (until it unblocks them). Where there is no signal mask
-    (Windows), nothing: a worker then ignores the terminal's signals from its first line on."""
+    but a Windows console, the console's "ignore Ctrl-C" attribute, which child processes inherit,
+    stands in for it (the trainer itself ignores Ctrl-C for those moments). Elsewhere, nothing: a
+    worker then ignores the terminal's signals from its first line on."""
     signals = {s for s in signals if s is not None}
-    if not CAN_MASK or not signals:
+    if not signals:
         yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    elif CAN_MASK:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    elif signal.SIGINT in signals and _console() is not None:
+        _console().SetConsoleCtrlHandler(None, True)
+        try:
+            yield
+        finally:
+            _console().SetConsoleCtrlHandler(None, False)
+    else:
+        yield
+
+
+def _console():
+    """Windows' kernel32, where there is one (ctypes.windll exists only there)."""
     try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        import ctypes
+
+        return ctypes.windll.kernel32
+    except (ImportError, AttributeError):
+        return None
 
 
 def unblock(signals) -> None:

@@ -91,6 +91,7 @@ class Progress(Listener):
     def clear(self) -> None:
         if self.live:
             self._live("\r\033[K" if self.ansi else "\r" + " " * self.width + "\r")
+            self.width = 0
 
     def epoch(self, m: dict, epochs: int) -> None:
         self.say(f"epoch {m['epoch']:>2}/{epochs}  train loss {m['train_loss']:.4f} acc {100 * m['train_accuracy']:.2f}%  "

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import psutil
+
 from . import UserError
 
 try:
@@ -110,7 +112,11 @@ class RunLock:
         """A start that failed: take the lock file away while still holding it (and the directory,
         if it was made for this run and is now empty), so nothing of the attempt is left."""
         try:
-            self.path.unlink()
+            try:
+                self.path.unlink()
+            except PermissionError:  # Windows: an open file cannot be removed; let go of it first
+                self.__exit__()
+                self.path.unlink()
             if remove_directory:
                 self.path.parent.rmdir()
         except OSError:
@@ -174,13 +180,8 @@ def running(run_dir: str | Path) -> bool:
         text = (Path(run_dir) / LOCK_NAME).read_text(errors="replace").strip()
     except OSError:
         return False
-    if text.isdigit():
-        try:
-            os.kill(int(text), 0)
-        except ProcessLookupError:
-            return False
-        except OSError:  # alive, someone else's
-            pass
+    if text.isdigit() and not psutil.pid_exists(int(text)):  # not os.kill(pid, 0): on Windows that is a Ctrl-C
+        return False
     try:
         return holder(run_dir) is not None
     except OSError:

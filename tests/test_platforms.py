@@ -77,6 +77,9 @@ def test_the_emulation_takes_the_capabilities_away():
                               check=True).stdout.split() for p in PLATFORMS}
     assert seen["macos"] == ["False", "True", "True", "True", "fork,spawn,forkserver", "spawn", "posix", "False"]
     assert seen["windows"] == ["False", "False", "False", "False", "spawn", "spawn", "posix", "True"]
+    cap = "from parallel_nn import capabilities, worker; print(capabilities.SELECT_PIPES)"
+    assert [subprocess.run([sys.executable, "-c", cap], cwd=ROOT, env=env_for(p), capture_output=True, text=True,
+                           check=True).stdout.strip() for p in PLATFORMS] == ["True", "False"]
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -84,6 +87,10 @@ def test_help_lists_the_platforms_start_methods(platform):
     done = cli(platform, "--help")
     assert done.returncode == 0, done.stderr
     assert ("{spawn}" in done.stdout) == (platform == "windows")
+    # the workers' reduction waits on pipes with select(), which Windows' takes sockets only
+    assert ("--reduce {parent}" in done.stdout) == (platform == "windows")
+    refused = cli(platform, "--reduce", "sharded", "--epochs", "1")
+    assert (refused.returncode == 2 and "invalid choice" in refused.stderr) == (platform == "windows"), refused.stderr
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -190,16 +197,27 @@ def test_a_replace_refused_while_a_reader_holds_the_file_is_retried(monkeypatch,
 
     real, refusals = os.replace, []
 
-    def refusing(src, dst):
+    def refusing(src, dst, winerror=32):
         if len(refusals) < 3:
             refusals.append(dst)
-            raise PermissionError(13, "Access is denied")
+            error = PermissionError(13, "The process cannot access the file because it is being used by another process")
+            if winerror:
+                error.winerror = winerror  # what Windows' errors carry (ERROR_SHARING_VIOLATION)
+            raise error
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", refusing)
     atomic.write_json(tmp_path / "metrics.json", {"epoch": 1})
     assert len(refusals) == 3 and json.loads((tmp_path / "metrics.json").read_text()) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    # a POSIX permission error is real: raised at once, not waited on
+    refusals.clear()
+    monkeypatch.setattr(os, "replace", lambda src, dst: refusing(src, dst, winerror=None))
+    started = time.monotonic()
+    with pytest.raises(Exception, match="cannot write"):
+        atomic.write_json(tmp_path / "metrics.json", {"epoch": 2})
+    assert len(refusals) == 1 and time.monotonic() - started < 1
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"epoch": 1}
 
 
 def test_make_finds_the_interpreters_without_readlink_f(tmp_path):
@@ -228,3 +246,19 @@ def test_a_start_that_fails_for_want_of_shared_memory_writes_nothing(monkeypatch
     with pytest.raises(Exception):
         train(Config(workers=2, epochs=1, batch_size=100, data_dir=str(tiny_data), run_dir=str(tmp_path / "run"), quiet=True))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_workers_leave_when_their_trainer_is_killed(platform, tiny_data, tmp_path):
+    """Without Linux's PR_SET_PDEATHSIG (the emulated Windows has no prctl): a worker notices that
+    its pipe to the trainer has closed (or, on macOS, that its parent is gone) and leaves."""
+    run_dir = tmp_path / "run"
+    proc = start(platform, *RUN, "--epochs", "500", "--data-dir", str(tiny_data), "--run-dir", str(run_dir))
+    wait_for_steps(run_dir, 2, proc)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    workers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    proc.kill()
+    proc.communicate(timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]

@@ -6,13 +6,16 @@ platform lacks, so that the code, which chooses by capability, takes the other p
 
     macos     no os.memfd_create; spawn is the default start method (fork and forkserver are
               still offered, as on macOS)
-    windows   no os.memfd_create, no fcntl, no signal.SIGHUP, no signal.pthread_sigmask, and only
-              the spawn start method
+    windows   no os.memfd_create, no fcntl, no signal.SIGHUP, no signal.pthread_sigmask, no
+              select.poll (parallel_nn's sign that select() takes pipes: Windows' takes sockets
+              only), no prctl in the C library (nothing kills a worker whose trainer died), and
+              only the spawn start method
 
 Windows' file locking (msvcrt.locking) is stood in for by flock, which behaves the same way for
-what the run lock asks of it. What it cannot take away, and so is not exercised here: Windows'
-named shared memory (the emulated Windows has POSIX segments, so it takes the macOS path), its
-consoles' Ctrl-Break, and select() working on sockets only.
+what the run lock asks of it. What it cannot take away or offer, and so is not exercised here:
+Windows' named shared memory (the emulated Windows has POSIX segments, so it takes the macOS
+path), its consoles (Ctrl-Break, and the inherited "ignore Ctrl-C" that stands in for a signal
+mask while workers start), and what its select() refuses.
 """
 
 import os
@@ -49,6 +52,20 @@ if _platform in ("macos", "windows"):
         sys.modules["msvcrt"] = types.ModuleType("msvcrt")
         sys.modules["msvcrt"].__dict__.update(LK_UNLCK=0, LK_LOCK=1, LK_NBLCK=2, LK_RLCK=3, LK_NBRLCK=4, locking=_locking)
         sys.modules["fcntl"] = None  # `import fcntl` raises ImportError from here on
+
+        import ctypes
+        import hashlib  # noqa: F401 -- PyPy's needs select.poll at import
+        import select
+
+        del select.poll
+
+        class _NoPrctl(ctypes.CDLL):
+            def __getattr__(self, name):
+                if name == "prctl":
+                    raise AttributeError(name)
+                return super().__getattr__(name)
+
+        ctypes.CDLL = _NoPrctl
         for _name in ("SIGHUP", "pthread_sigmask"):
             if hasattr(signal, _name):
                 delattr(signal, _name)
