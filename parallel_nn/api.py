@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -43,8 +44,9 @@ def route(method: str, segments: list[str]) -> tuple[str, Optional[str]]:
         endpoint, run, allowed = segments[3], segments[2], RUN_ENDPOINTS[segments[3]]
     else:
         raise ApiError(404, "no such path")
-    if method != allowed:
-        raise ApiError(405, f"use {allowed} here", allow=allowed)
+    if method != allowed and not (method == "HEAD" and allowed == "GET"):
+        allow = "GET, HEAD" if allowed == "GET" else allowed
+        raise ApiError(405, f"use {allow.replace(', ', ' or ')} here", allow=allow)
     return endpoint, run
 
 
@@ -61,10 +63,10 @@ def int_param(query: dict, name: str, default: int, low: int, high: Optional[int
     values = query.get(name)
     if not values:
         return default
-    try:
-        value = int(values[-1])
-    except ValueError:
-        raise ApiError(400, f"{name} must be a whole number, got {values[-1][:40]!r}") from None
+    text = values[-1]
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # plain digits: not "1_0", " +3", "²"
+        raise ApiError(400, f"{name} must be a whole number (digits only), got {text[:40]!r}")
+    value = int(text)
     if value < low:
         raise ApiError(400, f"{name} must be at least {low}, got {value}")
     return value if high is None else min(high, value)
@@ -76,6 +78,8 @@ def parse_pixels(body: bytes, expected: int = mnist.PIXELS) -> list[int]:
         request = json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not JSON ({' '.join(str(e).split())[:120]})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not JSON this server reads (nested too deeply)") from None
     if not isinstance(request, dict):
         raise ApiError(400, 'the body must be a JSON object: {"pixels": [784 integers 0..255]}')
     pixels = request.get("pixels")
@@ -129,7 +133,10 @@ def _misclassified(server, run: Path, limit: int) -> dict:
     try:
         return server.cache.misclassified(run, limit)
     except UserError as e:
-        raise ApiError(503, f"the test set cannot be read: {e}") from None
+        message = str(e)
+        for folder in {os.path.abspath(server.cache.data_dir), os.path.normpath(server.cache.data_dir)}:
+            message = message.replace(folder + os.sep, "").replace(folder, "--data-dir")  # no server paths
+        raise ApiError(503, f"the test set cannot be read from --data-dir: {message}") from None
 
 
 # ---- the event stream ----
@@ -144,63 +151,88 @@ class RunWatch:
 
     def __init__(self, run: Path, since: int):
         self.run, self.since, self.next = run, since, since
-        self.tail = StepTail(run / PROGRESS_NAME)
+        self.tail = StepTail(run / PROGRESS_NAME, run)
         self.steps_per_epoch: Optional[int] = None
-        self.epochs_seen: Optional[int] = None  # metrics lines already looked at (None: none yet)
+        self.epochs: Optional[list] = None  # the metrics lines sent or passed over (None: not looked yet)
         self.metrics_stamp = None
         self.state: Optional[str] = None
 
     def new_events(self) -> list[str]:
         """The events of steps, epochs and state changes since the last call, in order. The first
         call: the state, then every step with i >= since, the epochs that ended at or after it and
-        the latest epoch (so an epoch may come twice: clients key epochs by their number)."""
+        the latest epoch (so an epoch may come twice: clients key epochs by their number). When the
+        run's files were replaced or cut back (its directory used again, a resume): `reset`, then
+        everything again from step 0. A run gone: only its state, `gone`."""
+        state = runinfo.run_state(self.run)
+        reset, events = (False, []) if state == "gone" else self.new_content()
+        if state != self.state:  # the first one before the rest; a change after what led to it
+            events.insert(0 if self.state is None else len(events), sse("state", {"state": state}))
+            self.state = state
+        return [sse("reset", {})] + events if reset else events
+
+    def new_content(self) -> tuple[bool, list[str]]:
+        """(whether the run's files started over, the step and epoch events since the last call)."""
+        records = self.tail.read()
+        metrics = self.read_metrics()
+        reset = self.tail.restarted or (metrics is not None and self.epochs is not None
+                                        and metrics[: len(self.epochs)] != self.epochs)
+        if reset:
+            self.since = self.next = 0
+            self.epochs = None
+            if not self.tail.restarted:
+                self.tail = StepTail(self.run / PROGRESS_NAME, self.run)
+                records = self.tail.read()
+            metrics = runinfo.read_metrics(self.run) if metrics is None else metrics
+        return reset, self.content_events(records, metrics)
+
+    def content_events(self, records: list[dict], metrics: Optional[list]) -> list[str]:
+        """The step events of `records` not sent yet and the epoch events of `metrics`, in order."""
         items = []
-        for record in latest_per_step(self.tail.read()):
+        for record in latest_per_step(records):
             self.steps_per_epoch = record.get("steps", self.steps_per_epoch)
             if record["i"] >= self.next:
                 items.append((record["i"], sse("step", record, record["i"])))
                 self.next = record["i"] + 1
-        for m in self.new_epochs():
+        for m in self.new_epochs(metrics):
             items.append((self.epoch_end(m), sse("epoch", m)))
         items.sort(key=lambda item: item[0])
-        events = [text for _, text in items]
-        state = runinfo.run_state(self.run)
-        if state != self.state:  # the first one before the rest; a change after what led to it
-            events.insert(0 if self.state is None else len(events), sse("state", {"state": state}))
-            self.state = state
-        return events
+        return [text for _, text in items]
 
     def epoch_end(self, metrics: dict) -> float:
         """Where an epoch's event goes among the steps: after its last step."""
         epoch = metrics.get("epoch")
-        if not isinstance(epoch, int) or not self.steps_per_epoch:
+        if not isinstance(epoch, int) or not isinstance(self.steps_per_epoch, int) or not self.steps_per_epoch:
             return math.inf
         return epoch * self.steps_per_epoch - 0.5
 
-    def new_epochs(self) -> list[dict]:
-        path = self.run / "metrics.jsonl"
+    def read_metrics(self) -> Optional[list]:
+        """metrics.jsonl's objects, or None when the file is as it was at the last look."""
         try:
-            info = path.stat()
+            info = os.stat(self.run / "metrics.jsonl")
             stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
         except OSError:
             stamp = None
-        if stamp == self.metrics_stamp and self.epochs_seen is not None:
-            return []
+        if stamp == self.metrics_stamp and self.epochs is not None:
+            return None
         self.metrics_stamp = stamp
-        metrics = runinfo.read_metrics(self.run)
-        if self.epochs_seen is None:  # the first look: the epochs that ended at or after `since`, and the
-            self.epochs_seen = len(metrics)  # latest (a client may have read the metrics just before it came)
+        return runinfo.read_metrics(self.run)
+
+    def new_epochs(self, metrics: Optional[list]) -> list[dict]:
+        if metrics is None:
+            return []
+        if self.epochs is None:  # the first look: the epochs that ended at or after `since`, and the
+            self.epochs = metrics  # latest (a client may have read the metrics just before it came)
             return [m for k, m in enumerate(metrics)
                     if self.since == 0 or self.epoch_end(m) >= self.since or k == len(metrics) - 1]
-        new = metrics[self.epochs_seen :]
-        self.epochs_seen = len(metrics)
+        new = metrics[len(self.epochs) :]
+        self.epochs = metrics
         return new
 
 
 def event_stream(run: Path, since: int, closing, gone: Callable[[], bool]) -> Iterator[str]:
     """The text of a run's event stream: what is there (i >= since), then what comes, polled every
     POLL_SECONDS, with a comment line every KEEP_ALIVE_SECONDS; ends when `closing` (a
-    threading.Event) is set or `gone()` says the client left."""
+    threading.Event) is set, `gone()` says the client left, or the run is gone (state `gone`)."""
     watch = RunWatch(run, since)
     yield "retry: 2000\n\n"
     last = time.monotonic()
@@ -209,6 +241,8 @@ def event_stream(run: Path, since: int, closing, gone: Callable[[], bool]) -> It
         if events:
             yield "".join(events)
             last = time.monotonic()
+        if watch.state == "gone":
+            return
         elif time.monotonic() - last >= KEEP_ALIVE_SECONDS:
             yield ": keep-alive\n\n"
             last = time.monotonic()

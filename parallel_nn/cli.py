@@ -220,8 +220,8 @@ def serve_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="runs", metavar="DIR",
                    help="the folder of run directories, or one run directory (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; anything but 127.0.0.1/localhost makes the page and the predict API "
-                        "reachable from the network, with no authentication (default: %(default)s)")
+                   help="address to listen on; any but a loopback one (127.x.x.x, ::1, localhost) makes the page and "
+                        "the predict API reachable from the network, with no authentication (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8000, metavar="PORT",
                    help="port to listen on; 0 takes a free one (the URL printed says which) (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="log every request on stderr")

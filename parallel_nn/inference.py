@@ -9,26 +9,46 @@ set's predictions by those and the data folder.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
 from . import UserError, mnist
-from .checkpoint import load_model
+from .checkpoint import CHECKPOINT_FORMAT, model_from_json
 from .engine import shard_predictions
 from .network import Model, forward, unflatten
+from .steplog import read_limited
 
 MAX_ITEMS = 200
+NO_WEIGHTS = "this run has no weights yet (they are written after its first epoch)"
 
 
 def weights_path(run: Path) -> Optional[Path]:
     """The run's latest weights: weights.json, else its checkpoint."""
     for name in ("weights.json", "checkpoint.json"):
-        if (run / name).is_file():
+        if os.path.lexists(run / name):
             return run / name
     return None
+
+
+def load_weights(path: Path) -> Model:
+    """The model in a run's weights.json or checkpoint.json: a regular file inside the run, at most
+    steplog.MAX_FILE_BYTES; UserError naming the file by its name only (no server path)."""
+    try:
+        obj = json.loads(read_limited(path, path.parent))
+    except FileNotFoundError:
+        raise UserError(NO_WEIGHTS) from None
+    except OSError as e:
+        raise UserError(f"{path.name}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, RecursionError):
+        raise UserError(f"{path.name}: not valid JSON (truncated or corrupt)") from None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj.get("weights")
+    return model_from_json(obj, path.name)
 
 
 def softmax(z: list[float]) -> list[float]:
@@ -62,13 +82,13 @@ class Cache:
     """Weights per file and test-set predictions per (weights, data folder), recomputed only when a
     file changes. Thread-safe: a computation in progress is waited for, not repeated."""
 
-    KEEP = 8  # test-set predictions of this many weights files are kept
+    KEEP = 8  # weights, and test-set predictions, of this many weights files are kept
 
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
         self.lock = threading.Lock()  # the weights and the test set
         self.computing = threading.Lock()  # the test set's predictions (a second or so)
-        self.models: dict = {}  # path -> (stamp, Model)
+        self.models: OrderedDict = OrderedDict()  # path -> (stamp, Model), the least recently used first
         self.test: Optional[tuple] = None  # (stamp, Split)
         self.wrong: dict = {}  # (weights path, stamp, data stamp) -> (total, [(index, label, predicted)])
 
@@ -81,15 +101,21 @@ class Cache:
         """(path and stamp of the file, the run's latest weights); UserError if it has none yet."""
         path = weights_path(run)
         if path is None:
-            raise UserError("this run has no weights yet (they are written after its first epoch)")
+            with self.lock:  # a run deleted (or emptied) takes its weights with it
+                for name in ("weights.json", "checkpoint.json"):
+                    self.models.pop(run / name, None)
+            raise UserError(NO_WEIGHTS)
         with self.lock:
+            cached = self.models.pop(path, None)
             try:
                 stamp = (path, *self.stamp(path))
-            except FileNotFoundError:
-                raise UserError("this run has no weights yet (they are written after its first epoch)") from None
-            cached = self.models.get(path)
+            except OSError:
+                raise UserError(NO_WEIGHTS) from None  # the entry of a deleted run goes with it
             if cached is None or cached[0] != stamp:
-                cached = self.models[path] = (stamp, load_model(path))
+                cached = (stamp, load_weights(path))
+            self.models[path] = cached
+            while len(self.models) > self.KEEP:
+                self.models.popitem(last=False)
             return cached
 
     def model(self, run: Path) -> Model:

@@ -2,12 +2,13 @@
 standard library (http.server), one thread per request.
 
 Safe by default: it binds 127.0.0.1 (a --host reachable from the network is announced with a
-warning), and while bound to a loopback address it answers only requests addressed to a loopback
-name or that address (a web page elsewhere that points a name of its own at 127.0.0.1, DNS
-rebinding, is refused). It serves the files of the
-package's page folder by name, and of the run directories only what the API makes of them; a path
-with `..` in it is refused before anything is looked up. Quiet unless --verbose. Ctrl-C stops it
-at once: the event streams' threads are daemons and see the server closing.
+warning; what counts is the address actually bound, so `127.1` is the loopback too), and while
+bound to a loopback address it answers only requests addressed to a loopback name or address or
+the --host given (a web page elsewhere that points a name of its own at 127.0.0.1, DNS rebinding,
+is refused). It serves the files of the package's page folder by name, and of the run directories
+only what the API makes of them; a path with a `..` segment is refused before anything is looked
+up. Quiet unless --verbose. Ctrl-C stops it at once: the event streams' threads are daemons and see
+the server closing.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Server(ThreadingHTTPServer):
     """The HTTP server over the runs in `root`; `closing` is set when it stops."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: socketserver's 5 stalls a page's burst of requests
 
     def __init__(self, root: Path, host: str, port: int, data_dir: str, page_dir: Path = PAGE_DIR,
                  verbose: bool = False):
@@ -50,9 +52,19 @@ class Server(ThreadingHTTPServer):
         self.root, self.page_dir, self.verbose = Path(root), Path(page_dir), verbose
         self.cache = Cache(data_dir)
         self.closing = threading.Event()
-        self.loopback_only = loopback(host)
-        self.host_names = {*LOOPBACK, host.lower()}
         super().__init__((host, port), Handler)
+        self.loopback_only = loopback(self.address)  # the address bound, not how --host spelled it
+        self.host_names = {*LOOPBACK, host.lower().rstrip("."), self.address.lower()}
+
+    @property
+    def address(self) -> str:
+        """The address bound (`0.0.0.0` for --host '')."""
+        return str(self.server_address[0])
+
+    @property
+    def everywhere(self) -> bool:
+        """Whether it listens on every address of the machine (0.0.0.0 or ::)."""
+        return self.address in ("0.0.0.0", "::")
 
     def server_bind(self) -> None:
         # HTTPServer's own asks the resolver for the host's full name, which can take seconds where
@@ -62,7 +74,10 @@ class Server(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
+        """A URL to open: on this machine's loopback when it listens on every address."""
         host, port = self.server_address[:2]
+        if self.everywhere:
+            host = "::1" if self.address == "::" else "127.0.0.1"
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
     def stop(self) -> None:
@@ -131,18 +146,21 @@ class Handler(BaseHTTPRequestHandler):
             return
         host = (self.headers.get("Host") or "").strip().lower()
         name = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.split(":")[0]
-        if name not in self.server.host_names:
-            raise ApiError(403, f"this server answers only requests to 127.0.0.1 or localhost, not {host[:80]!r}")
+        name = name[:-1] if name.endswith(".") else name  # `localhost.` is localhost
+        if name not in self.server.host_names and not loopback_literal(name):
+            raise ApiError(403, f"this server answers only requests addressed to 127.0.0.1, localhost or [::1], not "
+                                f"{host[:80]!r} (a guard against DNS rebinding): open {self.server.url}, or "
+                                f"listen on another --host")
 
     def parse_path(self) -> tuple[list[str], dict]:
-        """The path's segments, percent-decoded, and the query; ApiError 404 for any `..` or a segment
-        that is not a plain name."""
+        """The path's segments, percent-decoded, and the query; ApiError 404 for a path that is not
+        absolute (`*`), a `.` or `..` segment, or one that is not a plain name."""
         parts = urlsplit(self.path)
-        if ".." in parts.path or ".." in unquote(parts.path):
+        if not parts.path.startswith("/"):
             raise ApiError(404, "no such path")
         segments = [unquote(s) for s in parts.path.split("/")[1:]]
         for k, s in enumerate(segments):
-            if any(c in s for c in "/\\\0") or s == "." or (not s and k < len(segments) - 1):
+            if "/" in s or "\0" in s or s in (".", "..") or (not s and k < len(segments) - 1):
                 raise ApiError(404, "no such path")
         return segments, parse_qs(parts.query)
 
@@ -161,14 +179,12 @@ class Handler(BaseHTTPRequestHandler):
     def read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise ApiError(400, "send the body with a Content-Length, not chunked")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(400, "a JSON body with a Content-Length is required") from None
+        text = (self.headers.get("Content-Length") or "").strip()
+        if not (text.isascii() and text.isdigit()):  # digits only: not "1_0", "+5" or "-1"
+            raise ApiError(400, "a JSON body with a Content-Length (digits only) is required")
+        length = int(text)
         if length > MAX_BODY:
             raise ApiError(413, f"the body is {length} bytes; at most {MAX_BODY} are accepted")
-        if length < 0:
-            raise ApiError(400, "a negative Content-Length")
         return self.rfile.read(length)
 
     def send_static(self, name: str) -> None:
@@ -180,7 +196,7 @@ class Handler(BaseHTTPRequestHandler):
         path = folder / name
         kind = CONTENT_TYPES.get(os.path.splitext(name)[1].lower())
         if name not in names or kind is None or not path.is_file():
-            raise ApiError(404, f"the page is not installed ({path} is missing)" if name == "index.html"
+            raise ApiError(404, "the page is not installed (its index.html is missing)" if name == "index.html"
                            else f"no file {name!r}")
         self.send_bytes(path.read_bytes(), kind, {"Cache-Control": "no-cache"})
 
@@ -204,13 +220,15 @@ class Handler(BaseHTTPRequestHandler):
 
         since = int_param(query, "since", 0, 0)
         last_id = (self.headers.get("Last-Event-ID") or "").strip()
-        if last_id.isdigit():  # a browser reconnecting: go on after the last step it had
-            since = max(since, int(last_id) + 1)
+        if last_id.isascii() and last_id.isdigit() and len(last_id) <= 18:  # a browser reconnecting
+            since = max(since, int(last_id) + 1)  # goes on after the last step it had
         self.send_response(200)
         for key, value in (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                            ("X-Accel-Buffering", "no"), ("X-Content-Type-Options", "nosniff")):
             self.send_header(key, value)
         self.end_headers()
+        if self.command == "HEAD":
+            return
         stream = event_stream(run, since, self.server.closing, self.client_gone)
         try:
             for text in stream:
@@ -231,12 +249,26 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def loopback(host: str) -> bool:
-    """Whether `host` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
+    """Whether `host` (an address as bound, or localhost) is reachable from this machine only
+    (localhost, 127.0.0.0/8, ::1)."""
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
+        return False
+
+
+def loopback_literal(name: str) -> bool:
+    """Whether a Host header's name is a loopback address written out (127.0.0.1, 127.1, ::1): no
+    name a DNS answer could point elsewhere."""
+    if loopback(name) and name != "localhost":
+        return True
+    if not (name[:1].isdigit() and all(c in "0123456789abcdefx." for c in name)):
+        return False
+    try:  # the short IPv4 forms a browser accepts too (127.1)
+        return socket.inet_aton(name)[0] == 127
+    except (OSError, ValueError):
         return False
 
 
@@ -260,9 +292,11 @@ def serve(root: str, host: str, port: int, data_dir: str, verbose: bool = False)
     if not Path(root).exists():
         write(sys.stderr, f"note: {root} does not exist yet; runs will show up once training writes them there\n")
     if not server.loopback_only:
-        write(sys.stderr, f"WARNING: listening on {host}: the page and the predict API are reachable from the network, "
-                          f"with no authentication (the default, 127.0.0.1, is this machine only)\n")
-    write(sys.stdout, f"serving {shown} at {server.url} (Ctrl-C stops)\n")
+        where = f"every address ({server.address})" if server.everywhere else server.address
+        write(sys.stderr, f"WARNING: listening on {where}: the page and the predict API are reachable from the "
+                          f"network, with no authentication (the default, 127.0.0.1, is this machine only)\n")
+    also = "; it listens on every address" if server.everywhere else ""
+    write(sys.stdout, f"serving {shown} at {server.url} (Ctrl-C stops{also})\n")
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -11,13 +11,23 @@ once and the run goes on without it. A resumed run re-does its steps from the ch
 when it starts the file is cut back (rewritten atomically) to the lines before that point: the
 file then holds each i once, in order. Readers still keep the last line seen for each i, and skip
 a line they cannot parse (the one a killed trainer was writing).
+
+The reading side (for `serve`): StepTail follows the file as it grows and notices when it starts
+over (replaced, cut back), StepIndex keeps where each i's line is so that the steps from any i are
+read alone, and open_regular / read_limited read a run's files only if they are regular files
+inside the run (no FIFO, device or link out), and JSON files only up to MAX_FILE_BYTES.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
 import json
 import os
+import stat
+import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,6 +35,7 @@ from . import UserError, atomic
 from .events import Listener, StepDone
 
 PROGRESS_NAME = "progress.jsonl"
+MAX_FILE_BYTES = 256 * 1024 * 1024  # the most a reader of a run's JSON files takes in (weights.json is ~1 MB)
 
 
 class StepLog(Listener):
@@ -92,17 +103,31 @@ def cut_back(path: Path, before: int) -> None:
     atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def parse_line(line: bytes) -> Optional[dict]:
+    """The step record a line holds, or None if it holds none."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("i"), int) and not isinstance(record["i"], bool):
+        return record
+    return None
+
+
 def parse_lines(lines) -> list[dict]:
     """The step records among `lines` (bytes), skipping any that is not one."""
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("i"), int):
-            records.append(record)
-    return records
+    return [record for record in map(parse_line, lines) if record is not None]
+
+
+def line_index(line: bytes) -> Optional[int]:
+    """A line's i: read off the front of a line as the trainer writes it (`{"i": 12, ...}`), else parsed."""
+    if line.startswith(b'{"i": ') and line.endswith(b"}"):
+        end = line.find(b",", 6)
+        digits = line[6:end]
+        if end > 6 and digits.isdigit():
+            return int(digits)
+    record = parse_line(line)
+    return None if record is None else record["i"]
 
 
 def latest_per_step(records: list[dict]) -> list[dict]:
@@ -113,31 +138,155 @@ def latest_per_step(records: list[dict]) -> list[dict]:
     return [by_i[i] for i in sorted(by_i)]
 
 
+def open_regular(path: Path, inside: Optional[Path] = None):
+    """`path` opened for reading (binary) if it is a regular file; OSError otherwise. A FIFO or a
+    device is refused without waiting on it (it is opened with O_NONBLOCK, then looked at), and with
+    `inside`, so is a file whose real path is not in that directory (a symlink out of a run)."""
+    if inside is not None:
+        real, base = os.path.realpath(path), os.path.realpath(inside)
+        try:
+            outside = os.path.commonpath([real, base]) != base
+        except ValueError:  # another drive
+            outside = True
+        if outside:
+            raise OSError(errno.EACCES, "a link to outside the run directory")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_limited(path: Path, inside: Optional[Path] = None, limit: Optional[int] = None) -> bytes:
+    """A regular file's bytes (open_regular), OSError if it holds more than `limit` (MAX_FILE_BYTES)."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    with open_regular(path, inside) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than the {limit:,} bytes this server reads")
+    return data
+
+
 class StepTail:
     """Reads progress.jsonl as it grows: each `read()` returns the records added since the last
-    call, complete lines only. A file that was replaced or cut back is read again from its start."""
+    call, complete lines only. A file that was replaced (another inode, or another first line: a
+    run directory used again), cut back (a resume) or deleted is read again from its start, and
+    `restarted` says so until the next read. Only a regular file is read (open_regular)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.identity: Optional[tuple] = None
+    def __init__(self, path: Path, inside: Optional[Path] = None):
+        self.path, self.inside = path, inside
+        self.identity: Optional[tuple] = None  # (device, inode) of the file being read
+        self.stamp: Optional[tuple] = None  # (identity, size, mtime) when last read: the same means nothing new
         self.offset = 0
         self.partial = b""
+        self.first = b""  # the file's first line, newline included
+        self.restarted = False
 
     def read(self) -> list[dict]:
+        return parse_lines(line for _, line in self.lines())
+
+    def lines(self) -> list[tuple[int, bytes]]:
+        """The complete lines added since the last call, each with the offset where it starts."""
+        self.restarted = False
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path, self.inside) as f:
                 info = os.fstat(f.fileno())
-                identity = (info.st_dev, info.st_ino)
-                if identity != self.identity or info.st_size < self.offset:
-                    self.identity, self.offset, self.partial = identity, 0, b""
+                stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+                if stamp == self.stamp:
+                    return []
+                if self.replaced(f, info):
+                    self.restarted = self.identity is not None
+                    self.identity, self.offset, self.partial, self.first = (info.st_dev, info.st_ino), 0, b"", b""
                 f.seek(self.offset)
                 data = f.read()
+        except OSError:  # gone (or not a regular file now): what comes next is read from its start
+            self.restarted = self.identity is not None
+            self.identity, self.stamp, self.offset, self.partial, self.first = None, None, 0, b"", b""
+            return []
+        self.stamp = stamp
+        start = self.offset - len(self.partial)
+        self.offset += len(data)
+        pieces = (self.partial + data).split(b"\n")
+        self.partial = pieces.pop()
+        if start == 0 and pieces:
+            self.first = pieces[0] + b"\n"
+        lines = []
+        for piece in pieces:
+            lines.append((start, piece))
+            start += len(piece) + 1
+        return lines
+
+    def replaced(self, f, info) -> bool:
+        if (info.st_dev, info.st_ino) != self.identity or info.st_size < self.offset:
+            return True
+        if self.first:
+            f.seek(0)
+            return f.read(len(self.first)) != self.first
+        return False
+
+    @property
+    def origin(self) -> Optional[int]:
+        """A number naming the file being read (a checksum of its first line); None before it has one."""
+        return zlib.crc32(self.first) if self.first else None
+
+
+class StepIndex:
+    """progress.jsonl indexed by i (where the last line for each i starts, and its length), brought up
+    to date incrementally by a StepTail: the steps from any i on are read without parsing the file
+    before them. Thread-safe."""
+
+    def __init__(self, path: Path, inside: Optional[Path] = None):
+        self.tail = StepTail(path, inside)
+        self.where: dict[int, tuple[int, int]] = {}
+        self.order: list[int] = []  # the i's, ascending
+        self.lock = threading.Lock()
+
+    def update(self) -> None:
+        lines = self.tail.lines()
+        if self.tail.restarted:
+            self.where, self.order = {}, []
+        fresh = []
+        for offset, line in lines:
+            i = line_index(line)
+            if i is not None:
+                if i not in self.where:
+                    fresh.append(i)
+                self.where[i] = (offset, len(line))
+        if fresh and fresh == sorted(fresh) and (not self.order or fresh[0] > self.order[-1]):
+            self.order.extend(fresh)
+        elif fresh:
+            self.order = sorted(self.where)
+
+    def since(self, since: int, limit: int) -> tuple[list[dict], bool, Optional[int]]:
+        """(the records with i >= since, at most `limit` of them, whether more follow, the file's origin)."""
+        with self.lock:
+            self.update()
+            k = bisect.bisect_left(self.order, since)
+            chosen = self.order[k : k + limit]
+            records = self.read(chosen) if chosen else []
+            return records, bool(records) and k + limit < len(self.order), self.tail.origin
+
+    def read(self, chosen: list[int]) -> list[dict]:
+        spans = [self.where[i] for i in chosen]
+        lo, hi = min(o for o, _ in spans), max(o + n for o, n in spans)
+        try:
+            with open_regular(self.tail.path, self.tail.inside) as f:
+                info = os.fstat(f.fileno())
+                if (info.st_dev, info.st_ino) != self.tail.identity:
+                    return []  # replaced since: the next request indexes the new one
+                f.seek(lo)
+                data = f.read(hi - lo)
         except OSError:
             return []
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        return parse_lines(lines)
+        records = []
+        for i, (offset, length) in zip(chosen, spans):
+            record = parse_line(data[offset - lo : offset - lo + length])
+            if record is not None and record["i"] == i:
+                records.append(record)
+        return records
 
 
 def read_steps(path: Path) -> list[dict]:

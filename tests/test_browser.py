@@ -15,6 +15,7 @@ serves RUNS_DIR, draws a 7 on the pad and saves the whole page as a PNG.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -280,6 +281,57 @@ def test_server_errors_are_shown_not_thrown(browser, finished_run, tiny_data):
     wait_for(browser, lambda d: "cannot list the runs" in d.find_element(By.ID, "status").text, 10)
     assert severe(browser, allow_network=True) == []  # failed requests, but no JavaScript error
     leave(browser)
+
+
+def write_run(run: Path, steps: int, t0: float = 1000.0) -> None:
+    """A run directory as a trainer leaves it before its first epoch ends: config, steps, no metrics."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"epochs": 5}))
+    lines = "".join(json.dumps({"i": i, "epoch": i // 100 + 1, "step": i % 100 + 1, "steps": 100, "loss": 2.0 - i / 1e4,
+                                "accuracy": 0.5, "examples_per_second": 100.0, "time": t0 + i}) + "\n" for i in range(steps))
+    (run / "new.tmp").write_text(lines)
+    os.replace(run / "new.tmp", run / "progress.jsonl")  # a new file, as --overwrite makes
+
+
+def test_a_malformed_or_hand_edited_hash(browser, tiny_data, tmp_path):
+    write_run(tmp_path / "one", 3)
+    write_run(tmp_path / "two", 6000)  # more steps than one answer of /steps holds: the page asks for the rest
+    with serving(tmp_path, tiny_data) as url:
+        severe(browser)
+        browser.get(url + "#run=%")
+        wait_for(browser, lambda d: "2 runs" in d.find_element(By.ID, "status").text, 10, "no runs listed")
+        wait_for(browser, lambda d: selected_row(d) != "", 10, "no run chosen")
+        browser.execute_script("location.hash = '#run=two'")
+        wait_for(browser, lambda d: "two" in selected_row(d), 10, "the hash did not choose the run")
+        wait_for(browser, lambda d: data_points(d, "step-loss") == 6000, 15, "not every step was loaded")
+        browser.execute_script("location.hash = '#run=%E0%A4%A'")
+        browser.execute_script("location.hash = '#run=one'")
+        wait_for(browser, lambda d: "one" in selected_row(d), 10)
+        wait_for(browser, lambda d: data_points(d, "step-loss") == 3, 10)
+        assert severe(browser) == []
+        leave(browser)
+
+
+def test_a_reused_run_directory_starts_the_page_over_and_a_deleted_one_is_gone(browser, tiny_data, tmp_path):
+    from parallel_nn.rundir import RunLock
+
+    run = tmp_path / "r"
+    write_run(run, 30)
+    with serving(tmp_path, tiny_data) as url:
+        severe(browser)
+        browser.get(url + "#run=r")
+        wait_for(browser, lambda d: data_points(d, "step-loss") == 30, 15)
+        assert "stopped" in selected_row(browser)
+        with RunLock(run):  # a trainer in it again (--overwrite), with fewer steps so far
+            write_run(run, 5, t0=5000)
+            wait_for(browser, lambda d: "running" in selected_row(d), 15, "the page did not see it run")
+            wait_for(browser, lambda d: data_points(d, "step-loss") == 5, 15, "the old run's steps stayed")
+            write_run(run, 3, t0=9000)  # and again, while the page follows its stream
+            wait_for(browser, lambda d: data_points(d, "step-loss") == 3, 15, "no reset from the stream")
+            shutil.rmtree(run)
+            wait_for(browser, lambda d: "gone: r" in d.find_element(By.ID, "status").text, 15, "not shown as gone")
+        assert severe(browser, allow_network=True) == []
+        leave(browser)
 
 
 # ---- the screenshot for docs/live.md ------------------------------------------------------

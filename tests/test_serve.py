@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -226,9 +227,10 @@ def test_steps_since(served, runs):
     assert every["steps"] == [json.loads(line) for line in (runs / "done" / "progress.jsonl").read_text().splitlines()]
     later = served.get("/api/runs/done/steps?since=20")
     assert [s["i"] for s in later["steps"]] == [20, 21, 22, 23] and later["next"] == 24
-    assert served.get("/api/runs/done/steps?since=99") == {"steps": [], "next": 99}
-    assert served.get("/api/runs/new/steps") == {"steps": [], "next": 0}
-    for bad in ("-1", "x", "1.5"):
+    assert not every["more"] and isinstance(every["origin"], int) and later["origin"] == every["origin"]
+    assert served.get("/api/runs/done/steps?since=99") == {"steps": [], "next": 99, "more": False, "origin": every["origin"]}
+    assert served.get("/api/runs/new/steps") == {"steps": [], "next": 0, "more": False, "origin": None}
+    for bad in ("-1", "x", "1.5", "1_0", "%20%2B3", "%2B3", "%C2%B2", "1" * 40):
         status, _, body = served.request("GET", f"/api/runs/done/steps?since={bad}")
         assert status == 400 and "since" in body["error"]
 
@@ -503,3 +505,350 @@ def test_serve_refuses_a_port_in_use(runs, served):
     done = subprocess.run([sys.executable, "-m", "parallel_nn", "serve", str(runs), "--port", str(served.port)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "--port" in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+# ---- run directories as they are found: reused, odd, linked, broken, deleted ----
+
+def step_line(i: int, t0: float = 1000.0, per: int = 10) -> str:
+    return json.dumps({"i": i, "epoch": i // per + 1, "step": i % per + 1, "steps": per, "loss": 1.0, "accuracy": 0.5,
+                       "examples_per_second": 100.0, "time": t0 + i}) + "\n"
+
+
+def synthetic_run(run: Path, steps: int, epochs_done: int = 0, t0: float = 1000.0) -> Path:
+    """A run directory as a trainer leaves it (10 steps an epoch, 5 planned), without weights."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"epochs": 5}))
+    (run / "progress.jsonl").write_text("".join(step_line(i, t0) for i in range(steps)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "test_accuracy": 0.5}) + "\n"
+                                               for e in range(epochs_done)))
+    return run
+
+
+def open_stream(server, path: str, timeout: float = 10):
+    conn = server.connection(timeout=timeout)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    assert response.status == 200
+    return conn, response
+
+
+def steps_of(events) -> list[int]:
+    return [json.loads(data)["i"] for event, data in events if event == "step"]
+
+
+def read_until_steps(response, count: int, deadline: float) -> list[tuple[str, str]]:
+    """Events up to and including the `count`th step event."""
+    events = []
+    while len(steps_of(events)) < count:
+        events.append(read_event(response, deadline))
+    return events
+
+
+@pytest.fixture
+def own_server(tiny_data, page, tmp_path):
+    """A server over tmp_path/runs (empty), for tests that change the runs under it."""
+    (tmp_path / "runs").mkdir()
+    server = Served(tmp_path / "runs", tiny_data, page)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("how", ["replaced", "cut in place", "rewritten in place", "metrics cut"])
+def test_a_stream_starts_over_when_the_run_files_are_replaced(own_server, tmp_path, how):
+    """--overwrite (a new progress.jsonl), a resume's cut-back, or a shorter metrics.jsonl: `reset`,
+    then the steps from 0, not the old run's count."""
+    run = synthetic_run(tmp_path / "runs" / "r", 12, epochs_done=1)
+    before = own_server.get("/api/runs/r/steps")
+    conn, response = open_stream(own_server, "/api/runs/r/events")
+    try:
+        deadline = time.monotonic() + 15
+        assert steps_of(read_until_steps(response, 12, deadline)) == list(range(12))
+        progress = run / "progress.jsonl"
+        if how == "replaced":
+            (run / "new.tmp").write_text("".join(step_line(i, 5000) for i in range(3)))
+            os.replace(run / "new.tmp", progress)
+        elif how == "cut in place":
+            progress.write_text("".join(step_line(i, 5000) for i in range(3)))
+        elif how == "rewritten in place":
+            progress.write_text("".join(step_line(i, 5000) for i in range(20)))
+        else:
+            (run / "metrics.jsonl").write_text("")
+        expected = {"replaced": 3, "cut in place": 3, "rewritten in place": 20, "metrics cut": 12}[how]
+        events = read_until_steps(response, expected, deadline)
+    finally:
+        conn.close()
+    assert events[0][0] == "reset", events[:3]
+    assert steps_of(events) == list(range(expected))
+    after = own_server.get("/api/runs/r/steps")
+    assert [s["i"] for s in after["steps"]] == list(range(expected))
+    if how != "metrics cut":
+        assert {s["time"] for s in after["steps"]} == {5000.0 + i for i in range(expected)}
+        assert after["origin"] != before["origin"]
+
+
+def test_steps_come_at_most_5000_at_a_time_from_an_index_kept_up_to_date(own_server, tmp_path, monkeypatch):
+    run = synthetic_run(tmp_path / "runs" / "big", 12_000)
+    first = own_server.get("/api/runs/big/steps")
+    assert [s["i"] for s in first["steps"]] == list(range(5000)) and first["next"] == 5000 and first["more"]
+    second = own_server.get("/api/runs/big/steps?since=5000")
+    third = own_server.get(f"/api/runs/big/steps?since={second['next']}")
+    assert second["more"] and not third["more"] and third["next"] == 12_000
+    assert [s["i"] for s in second["steps"] + third["steps"]] == list(range(5000, 12_000))
+    indexed, parsed = [], []  # what later requests cost: only the lines added, and the lines answered
+    real_index, real_parse = steplog.line_index, steplog.parse_line
+    monkeypatch.setattr(steplog, "line_index", lambda line: indexed.append(line) or real_index(line))
+    monkeypatch.setattr(steplog, "parse_line", lambda line: parsed.append(line) or real_parse(line))
+    assert [s["i"] for s in own_server.get("/api/runs/big/steps?since=11998")["steps"]] == [11998, 11999]
+    assert (len(indexed), len(parsed)) == (0, 2)
+    with open(run / "progress.jsonl", "a") as f:
+        f.write(step_line(12_000))
+    assert [s["i"] for s in own_server.get("/api/runs/big/steps?since=11999")["steps"]] == [11999, 12_000]
+    assert (len(indexed), len(parsed)) == (1, 4)
+    (run / "progress.jsonl").unlink()  # nothing stale is answered once it is gone
+    assert own_server.get("/api/runs/big/steps") == {"steps": [], "next": 0, "more": False, "origin": None}
+
+
+def test_a_deleted_run_s_stream_says_gone_and_ends(own_server, tmp_path):
+    run = synthetic_run(tmp_path / "runs" / "del", 3)
+    conn, response = open_stream(own_server, "/api/runs/del/events")
+    try:
+        deadline = time.monotonic() + 15
+        assert read_event(response, deadline) == ("state", '{"state": "stopped"}')
+        read_until_steps(response, 3, deadline)
+        shutil.rmtree(run)
+        assert read_event(response, deadline) == ("state", '{"state": "gone"}')
+        while response.fp.readline():  # then the stream ends
+            assert time.monotonic() < deadline
+    finally:
+        conn.close()
+
+
+def test_a_run_that_died_before_its_first_epoch_is_stopped_not_new(own_server, tmp_path):
+    synthetic_run(tmp_path / "runs" / "steps-only", 4)
+    locked = tmp_path / "runs" / "dead-lock"
+    locked.mkdir()
+    (locked / "config.json").write_text(json.dumps({"epochs": 5}))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (locked / ".lock").write_text(f"{dead.pid}\n")
+    fresh = tmp_path / "runs" / "fresh"
+    fresh.mkdir()
+    (fresh / "config.json").write_text(json.dumps({"epochs": 5}))
+    states = {r["name"]: r["state"] for r in own_server.get("/api/runs")}
+    assert states == {"steps-only": "stopped", "dead-lock": "stopped", "fresh": "new"}
+
+
+def test_names_with_dots_or_backslashes_are_served_and_undecodable_ones_not_listed(own_server, tmp_path):
+    root = tmp_path / "runs"
+    for name in ("a..b", "back\\slash", "..x", "x.."):
+        synthetic_run(root / name, 2)
+    os.mkdir(os.fsencode(str(root)) + b"/bad\xff")
+    (Path(os.fsdecode(os.fsencode(str(root)) + b"/bad\xff")) / "config.json").write_text("{}")
+    listed = {r["name"] for r in own_server.get("/api/runs")}
+    assert listed == {"a..b", "back\\slash", "x.."}  # ..x is hidden, as any name starting with a dot
+    for name in ("a..b", "back%5Cslash", "x..", "a%2E%2Eb"):
+        assert len(own_server.get(f"/api/runs/{name}/steps")["steps"]) == 2, name
+    for path in ("/api/runs/bad%FF/metrics", "/api/runs/bad%EF%BF%BD/metrics", "/api/runs/../runs/a..b/metrics"):
+        assert own_server.request("GET", path)[0] == 404
+
+
+def test_symlinks_do_not_lead_outside_the_runs(own_server, tmp_path, runs):
+    outside = synthetic_run(tmp_path / "elsewhere", 5, epochs_done=1)
+    (tmp_path / "runs" / "evil").symlink_to(outside)
+    assert own_server.get("/api/runs") == []
+    assert own_server.request("GET", "/api/runs/evil/metrics")[0] == 404
+    run = synthetic_run(tmp_path / "runs" / "r", 0)
+    for name in ("metrics.jsonl", "progress.jsonl"):
+        (run / name).unlink()
+        (run / name).symlink_to(outside / name)
+    (run / "weights.json").symlink_to(runs / "done" / "weights.json")
+    assert own_server.get("/api/runs/r/metrics") == [] and own_server.get("/api/runs/r/steps")["steps"] == []
+    status, _, body = own_server.request("GET", "/api/runs/r/filters")
+    assert status == 404 and "outside the run" in body["error"] and str(tmp_path) not in body["error"]
+    (run / "weights.json").unlink()
+    (run / "weights.json").symlink_to("/dev/zero")
+    status, _, body = own_server.request("GET", "/api/runs/r/filters")
+    assert status == 404 and body["error"].startswith("weights.json: ")
+    inside = synthetic_run(tmp_path / "runs" / "in", 0)
+    shutil.copy(runs / "done" / "weights.json", inside / "real-weights.json")
+    (inside / "weights.json").symlink_to("real-weights.json")  # a link within the run is followed
+    assert len(own_server.get("/api/runs/in/filters")["filters"]) == 32
+
+
+def test_fifos_in_a_run_do_not_hang_the_server(own_server, tmp_path):
+    run = tmp_path / "runs" / "x"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"epochs": 5}))
+    for name in ("progress.jsonl", "metrics.jsonl", "weights.json", ".lock"):
+        os.mkfifo(run / name)
+    try:
+        assert [r["name"] for r in own_server.get("/api/runs")] == ["x"]
+        assert own_server.get("/api/runs/x/steps")["steps"] == [] and own_server.get("/api/runs/x/metrics") == []
+        status, _, body = own_server.request("GET", "/api/runs/x/filters")
+        assert status == 404 and "not a regular file" in body["error"]
+        conn, response = open_stream(own_server, "/api/runs/x/events")
+        assert read_event(response, time.monotonic() + 10)[0] == "state"
+        conn.close()
+    finally:  # a server thread blocked on one (the bug) is let go
+        for name in ("progress.jsonl", "metrics.jsonl", "weights.json", ".lock"):
+            try:
+                os.close(os.open(run / name, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader: none blocked
+                pass
+
+
+def test_json_files_over_the_limit_are_refused(served, monkeypatch):
+    monkeypatch.setattr(steplog, "MAX_FILE_BYTES", 1000)
+    served.server.cache.models.clear()  # read again, not the weights an earlier test had read
+    status, _, body = served.request("GET", "/api/runs/done/filters")
+    assert status == 404 and "larger than the 1,000 bytes" in body["error"]
+
+
+@pytest.mark.parametrize("trace", [
+    {"traceEvents": [{"ph": "X", "pid": 0, "name": "step", "ts": 1, "dur": 2}]},
+    [{"ph": "M", "pid": 0, "name": "process_name"}],
+    {"traceEvents": [{"ph": "X", "pid": "0", "name": "step", "ts": 1, "dur": 2, "args": {"epoch": 1, "step": 0}}]},
+    {"traceEvents": [{"ph": "X", "pid": 0, "name": "step", "ts": "1", "dur": 2, "args": {"epoch": 1, "step": 0}}]},
+    {"traceEvents": [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": 3}}]},
+    {"traceEvents": 5},
+    "not a trace",
+])
+def test_a_malformed_trace_is_404_with_a_reason(own_server, tmp_path, trace):
+    run = synthetic_run(tmp_path / "runs" / "t", 2)
+    (tmp_path / "trace.json").write_text(json.dumps(trace))
+    (run / "config.json").write_text(json.dumps({"epochs": 5, "trace": str(tmp_path / "trace.json")}))
+    status, _, body = own_server.request("GET", "/api/runs/t/trace")
+    assert status == 404 and "not a readable trace" in body["error"] and "\n" not in body["error"]
+    assert str(tmp_path) not in body["error"]
+
+
+def test_a_trace_that_is_not_a_regular_file_is_no_trace(own_server, tmp_path):
+    run = synthetic_run(tmp_path / "runs" / "t", 2)
+    os.mkfifo(tmp_path / "trace.json")
+    (run / "config.json").write_text(json.dumps({"epochs": 5, "trace": str(tmp_path / "trace.json")}))
+    assert own_server.get("/api/runs")[0]["has_trace"] is False
+    status, _, body = own_server.request("GET", "/api/runs/t/trace")
+    assert status == 404 and "no trace" in body["error"]
+
+
+def test_head_gives_the_headers_without_the_body(served):
+    for path in ("/", "/static/app.js", "/api/runs", "/api/runs/done/metrics", "/api/runs/done/events"):
+        conn = served.connection(timeout=10)
+        try:
+            conn.request("HEAD", path)
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() == b"", path
+            if "events" not in path:
+                assert int(response.getheader("Content-Length")) > 0, path
+        finally:
+            conn.close()
+    conn = served.connection(timeout=10)
+    try:
+        conn.request("HEAD", "/api/runs/done/predict")
+        response = conn.getresponse()
+        assert response.status == 405 and response.getheader("Allow") == "POST" and response.read() == b""
+    finally:
+        conn.close()
+    assert served.request("POST", "/api/runs")[1].getheader("Allow") == "GET, HEAD"
+
+
+def test_deeply_nested_json_is_400_not_500(served):
+    body = b'{"pixels": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+    status, _, answer = served.request("POST", "/api/runs/done/predict", body, {"Content-Type": "application/json"})
+    assert status == 400 and "nested" in answer["error"]
+
+
+def test_odd_requests(served):
+    conn = served.connection(timeout=10)
+    try:  # the asterisk form is for OPTIONS to the server, not the page
+        conn.putrequest("GET", "*", skip_host=True)
+        conn.putheader("Host", "127.0.0.1")
+        conn.endheaders()
+        assert conn.getresponse().status == 404
+    finally:
+        conn.close()
+    for length in ("1_0", "+5", "-1", " 0x5"):
+        status, _, body = served.request("POST", "/api/runs/done/predict", b"{}", {"Content-Length": length})
+        assert status == 400 and "Content-Length" in body["error"], length
+
+
+def test_errors_name_no_server_path(runs, page, tmp_path):
+    server = Served(runs, tmp_path / "nowhere", page)
+    try:
+        status, _, body = server.request("GET", "/api/runs/done/misclassified")
+        assert status == 503 and "missing" in body["error"] and str(tmp_path) not in body["error"]
+    finally:
+        server.stop()
+    run = synthetic_run(tmp_path / "runs" / "r", 1)
+    (run / "weights.json").write_text('{"format": "parallel_nn.weights/1"')
+    server = Served(tmp_path / "runs", tmp_path / "nowhere", tmp_path / "no-page")
+    try:
+        status, _, body = server.request("GET", "/api/runs/r/filters")
+        assert status == 404 and body["error"].startswith("weights.json: ") and str(tmp_path) not in body["error"]
+        status, _, body = server.request("GET", "/")
+        assert status == 404 and str(tmp_path) not in body["error"]
+    finally:
+        server.stop()
+
+
+def test_the_weights_cache_keeps_a_few_runs(runs, tmp_path):
+    from parallel_nn.inference import Cache
+
+    cache = Cache(str(tmp_path))
+    for k in range(12):
+        run = tmp_path / f"r{k}"
+        run.mkdir()
+        shutil.copy(runs / "done" / "weights.json", run / "weights.json")
+        cache.model(run)
+    assert len(cache.models) == Cache.KEEP
+    shutil.rmtree(tmp_path / "r11")
+    with pytest.raises(Exception):
+        cache.model(tmp_path / "r11")
+    assert len(cache.models) == Cache.KEEP - 1
+
+
+# ---- listening ----
+
+def test_many_connections_at_once_are_queued_not_dropped(runs, page, tiny_data):
+    server = make_server(runs, port=0, data_dir=str(tiny_data), page_dir=page)  # not serving yet: all wait in the queue
+    sockets = []
+    try:
+        for _ in range(40):
+            s = socket.create_connection(server.server_address[:2], timeout=2)
+            sockets.append(s)
+    finally:
+        for s in sockets:
+            s.close()
+        server.server_close()
+
+
+def test_the_loopback_is_known_by_the_address_bound(runs, page, tiny_data):
+    server = make_server(runs, host="127.1", port=0, data_dir=str(tiny_data), page_dir=page)
+    assert server.loopback_only and server.url == f"http://127.0.0.1:{server.server_address[1]}/"
+    server.server_close()
+
+
+def test_host_names_accepted_while_on_the_loopback(served):
+    port = served.port
+    for host in (f"localhost.:{port}", f"LOCALHOST:{port}", f"127.0.0.1:{port}", f"127.1:{port}", f"127.0.0.2:{port}",
+                 f"[::1]:{port}", "localhost"):
+        assert served.request("GET", "/api/runs", headers={"Host": host})[0] == 200, host
+    for host in (f"evil.example:{port}", f"localhost.evil.example:{port}", f"127.0.0.1.evil.example:{port}", ""):
+        status, _, body = served.request("GET", "/api/runs", headers={"Host": host})
+        assert status == 403 and "DNS rebinding" in body["error"] and f"http://127.0.0.1:{port}/" in body["error"], host
+
+
+def test_listening_everywhere_prints_a_url_to_open(runs, tiny_data, monkeypatch, capsys):
+    from parallel_nn import serve as serve_module
+
+    def interrupted(self, poll_interval=0.5):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve_module.Server, "serve_forever", interrupted)
+    for host in ("", "0.0.0.0"):
+        with pytest.raises(KeyboardInterrupt):
+            serve_module.serve(str(runs), host, 0, str(tiny_data))
+        out, err = capsys.readouterr()
+        assert re.fullmatch(r"serving .+ at http://127\.0\.0\.1:\d+/ \(Ctrl-C stops; it listens on every address\)\n",
+                            out), out
+        assert "WARNING: listening on every address (0.0.0.0)" in err

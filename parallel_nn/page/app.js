@@ -5,8 +5,8 @@
 // The server's API (all JSON; an error is {"error": "one line"}):
 //   GET  /api/runs                            the runs, newest first
 //   GET  /api/runs/RUN/metrics                one object per epoch
-//   GET  /api/runs/RUN/steps?since=N          {"steps": [...], "next": N'}
-//   GET  /api/runs/RUN/events?since=N         server-sent events: step, epoch, state
+//   GET  /api/runs/RUN/steps?since=N          {"steps": [...], "next": N', "more": bool, "origin": id}
+//   GET  /api/runs/RUN/events?since=N         server-sent events: step, epoch, state, reset
 //   GET  /api/runs/RUN/filters                the first layer's weights as 28x28 grey images
 //   GET  /api/runs/RUN/misclassified?limit=K  test digits it gets wrong
 //   GET  /api/runs/RUN/trace?steps=K          a few traced steps, per process
@@ -30,8 +30,29 @@ function el(tag, attributes, ...children) {
   return node;
 }
 
+// A run's name in a URL. encodeURIComponent throws on a lone surrogate: such a name becomes one
+// the server will answer 404 for, not an exception.
+function encodeName(name) {
+  try {
+    return encodeURIComponent(name);
+  } catch (_) {
+    return encodeURIComponent(String(name).replace(/[\uD800-\uDFFF]/g, "\uFFFD"));
+  }
+}
+
 function api(run, what) {
-  return "/api/runs/" + encodeURIComponent(run) + (what ? "/" + what : "");
+  return "/api/runs/" + encodeName(run) + (what ? "/" + what : "");
+}
+
+// The run named in the address's #run=NAME, or "" (a malformed one is no name, not an error).
+function hashRun() {
+  const match = location.hash.match(/run=([^&]+)/);
+  if (!match) return "";
+  try {
+    return decodeURIComponent(match[1]);
+  } catch (_) {
+    return "";
+  }
 }
 
 // fetch + JSON; a non-2xx answer throws an Error carrying the server's one-line message.
@@ -77,6 +98,7 @@ const state = {
   selected: null,        // the run shown in full (name)
   overlay: new Set(),    // runs whose curves are overlaid (names)
   data: new Map(),       // name -> RunData, for the runs shown
+  gone: new Set(),       // runs that were shown and whose directory has gone since
   trace: null,           // {run, trace} of the selected run, or {run, missing: true}
   learnedFor: null,      // "run@epoch" whose filters and misclassified digits are on the page
 };
@@ -101,19 +123,46 @@ class RunData {
     this.steps = [];
     this.metrics = [];
     this.next = 0;            // the first step index not yet seen
+    this.origin = null;       // which progress file the steps come from (the server's "origin")
     this.source = null;       // the EventSource while live
     this.pollTimer = null;    // the polling fallback
     this.loaded = false;
+    this.ended = false;       // followed until the run stopped (a new trainer in it starts over)
     this.closed = false;
   }
 
   async load() {
-    const [steps, metrics] = await Promise.all([getJSON(api(this.name, "steps?since=0")), getJSON(api(this.name, "metrics"))]);
+    const [, metrics] = await Promise.all([this.fetchSteps(), getJSON(api(this.name, "metrics"))]);
     if (this.closed) return;
-    this.addSteps(steps.steps);
-    this.next = Math.max(this.next, steps.next);
     this.metrics = metrics;
     this.loaded = true;
+  }
+
+  // The steps from this.next on, page by page (an answer holds at most 5,000); a progress file
+  // that was replaced meanwhile (the directory used for another run) starts the steps over.
+  async fetchSteps() {
+    for (let page = 0; page < 10000 && !this.closed; page++) {
+      const answer = await getJSON(api(this.name, "steps?since=" + this.next));
+      if (this.closed) return;
+      if (answer.origin !== null && this.origin !== null && answer.origin !== this.origin) {
+        this.reset();
+        this.origin = answer.origin;
+        continue;
+      }
+      if (answer.origin !== null) this.origin = answer.origin;
+      this.addSteps(answer.steps);
+      this.next = Math.max(this.next, answer.next);
+      if (!answer.more || !answer.steps.length) return;
+    }
+  }
+
+  // The run's files started over (its directory reused, or a resume cut them back): drop what we have.
+  reset() {
+    this.steps = [];
+    this.metrics = [];
+    this.next = 0;
+    this.origin = null;
+    scheduleDraw();
   }
 
   addSteps(steps) {
@@ -147,10 +196,19 @@ class RunData {
       scheduleDraw();
       refreshRuns();   // the run's epoch count and accuracy changed; so may its weights
     });
+    source.addEventListener("reset", () => {
+      this.reset();
+      refreshRuns();
+    });
     source.addEventListener("state", (event) => {
-      const info = runInfo(this.name);
-      if (info) info.state = JSON.parse(event.data).state;
-      if (!isLive(info)) this.stop();
+      const info = runInfo(this.name), now = JSON.parse(event.data).state;
+      if (info) info.state = now;
+      if (now === "gone") {
+        this.close();
+        state.gone.add(this.name);
+      } else if (!isLive(info)) {
+        this.stop();
+      }
       refreshRuns();
     });
     source.onerror = () => {
@@ -165,9 +223,7 @@ class RunData {
       this.pollTimer = null;
       if (this.closed) return;
       try {
-        const answer = await getJSON(api(this.name, "steps?since=" + this.next));
-        this.addSteps(answer.steps);
-        this.next = Math.max(this.next, answer.next);
+        await this.fetchSteps();
         scheduleDraw();
       } catch (error) {
         setStatus("following " + this.name + ": " + error.message, true);
@@ -189,9 +245,10 @@ class RunData {
     this.closeSource();
     clearTimeout(this.pollTimer);
     this.pollTimer = null;
-    Promise.all([getJSON(api(this.name, "steps?since=" + this.next)), getJSON(api(this.name, "metrics"))])
-      .then(([steps, metrics]) => {
-        this.addSteps(steps.steps);
+    this.ended = true;
+    Promise.all([this.fetchSteps(), getJSON(api(this.name, "metrics"))])
+      .then(([, metrics]) => {
+        if (this.closed) return;
         this.metrics = metrics;
         scheduleDraw();
       })
@@ -213,9 +270,13 @@ async function refreshRuns() {
   if (refreshing) return refreshing;   // one request at a time
   refreshing = (async () => {
     try {
+      const before = shownRuns();
       state.runs = await getJSON("/api/runs");
+      for (const name of before) if (!runInfo(name)) state.gone.add(name);   // deleted while shown
+      for (const run of state.runs) state.gone.delete(run.name);
       const live = state.runs.filter((r) => r.state === "running").length;
-      setStatus(state.runs.length + (state.runs.length === 1 ? " run" : " runs") + (live ? ", " + live + " training" : ""));
+      setStatus(state.runs.length + (state.runs.length === 1 ? " run" : " runs") + (live ? ", " + live + " training" : "")
+                + (state.gone.size ? "; gone: " + [...state.gone].join(", ") : ""));
     } catch (error) {
       setStatus("cannot list the runs: " + error.message + " (retrying)", true);
       return;
@@ -231,7 +292,7 @@ async function refreshRuns() {
 }
 
 function defaultRun() {
-  const wanted = decodeURIComponent((location.hash.match(/run=([^&]+)/) || [])[1] || "");
+  const wanted = hashRun();
   if (wanted && runInfo(wanted)) return wanted;
   const running = state.runs.find((r) => r.state === "running");
   return running ? running.name : state.runs.length ? state.runs[0].name : null;
@@ -290,7 +351,7 @@ function renderRuns() {
 function select(name) {
   if (state.selected === name) return;
   state.selected = name;
-  history.replaceState(null, "", "#run=" + encodeURIComponent(name));
+  history.replaceState(null, "", "#run=" + encodeName(name));
   renderRuns();
   syncShown();
   predictSoon();
@@ -308,12 +369,19 @@ function syncShown() {
   for (const name of names) {
     let data = state.data.get(name);
     const info = runInfo(name);
+    if (data && data.ended && isLive(info)) {
+      // Live again after it ended: a trainer in the same directory (--overwrite, --resume), whose
+      // steps may be fewer than those shown. Load it afresh.
+      data.close();
+      data = null;
+    }
     if (!data) {
       data = new RunData(name);
       state.data.set(name, data);
       data.load()
         .then(() => {
           if (isLive(runInfo(name))) data.follow();
+          else data.ended = true;
           scheduleDraw();
         })
         .catch((error) => setStatus("run " + name + ": " + error.message, true));
@@ -972,6 +1040,11 @@ window.addEventListener("resize", () => {
   resizeTimer = setTimeout(drawCurves, 100);
 });
 drawCurves();
+window.addEventListener("hashchange", () => {
+  // #run=NAME edited by hand (or a link followed): show that run.
+  const wanted = hashRun();
+  if (wanted && runInfo(wanted)) select(wanted);
+});
 let lastEpoch = null;
 async function tick() {
   await refreshRuns();
