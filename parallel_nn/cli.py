@@ -329,7 +329,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    command, args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        command, args = parse(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C while the command line is read (on a slow start): nothing has started
+        return 130
     handler = {"train": run_train, "evaluate": run_evaluate, "gradcheck": run_gradcheck,
                "download": run_download, "plot": run_plot, "serve": run_serve}[command]
     try:
