@@ -53,13 +53,20 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)")
 
 WIDTH, HEIGHT = 1280, 2200
+# The tests' network traffic stays on 127.0.0.1: no name resolves but the loopback address, and
+# Chromium's own background services (updates, sync, safe browsing, metrics) are off.
+LOOPBACK_ONLY = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-domain-reliability", "--disable-client-side-phishing-detection",
+                 "--no-first-run", "--no-pings", "--metrics-recording-only",
+                 "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication")
 
 
 def start_browser(width: int = WIDTH, height: int = HEIGHT):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}",
-                     "--force-device-scale-factor=1"):
+                     "--force-device-scale-factor=1", *LOOPBACK_ONLY):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -214,6 +221,10 @@ def test_a_finished_run_shows_its_curves_filters_timeline_and_reads_a_drawing(br
         browser.find_element(By.ID, "clear").click()
         assert browser.find_element(By.ID, "prediction").text == "–"
         assert severe(browser) == []
+        # everything the page loaded or asked for came from the server on 127.0.0.1: nothing from elsewhere
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(name.startswith(url) for name in loaded), loaded
+        assert url.startswith("http://127.0.0.1:")
         leave(browser)
 
 
