@@ -6,7 +6,8 @@ resource tracker removes: SIGKILL to the process group (the tracker included) le
 
 Party 0 is the gatherer: it takes one byte per other party from `arrive`, then puts one byte per
 other party into `release`; every other party puts its byte into `arrive` and takes one from
-`release`. It can be reused step after step: a party can only reach the next step's barrier once
+`release`. Party 0 is the trainer itself (local.py), which waits for the arrivals its own way, also
+watching its workers for deaths and silence (exchange.py): `arrivals` and `release` are its steps. It can be reused step after step: a party can only reach the next step's barrier once
 the parent has dispatched that step, which it does only after every party has left this one, so
 no party ever takes a byte meant for an earlier step. A waiting party checks every second that its
 parent is still alive, so a worker never waits for ever on a run that is gone.
@@ -40,10 +41,27 @@ class PipeBarrier:
         others = self.parties - 1
         if party == 0:
             _take(arrive_r, others, alive)
-            os.write(release_w, bytes(others))
+            self.release()
         else:
             os.write(arrive_w, b"\0")
             _take(release_r, 1, alive)
+
+    @property
+    def arrive(self) -> int:
+        """What party 0 waits on: readable when other parties have arrived."""
+        return self.fds[0]
+
+    def arrivals(self, most: int) -> int:
+        """Party 0's: how many other parties arrived since it last looked (at most `most`)."""
+        try:
+            return len(os.read(self.fds[0], most))
+        except BlockingIOError:
+            return 0
+
+    def release(self) -> None:
+        """Party 0's, once every other party has arrived: let them all go."""
+        if self.parties > 1:
+            os.write(self.fds[3], bytes(self.parties - 1))
 
     def close(self) -> None:
         self.fds = close_all(self.fds)

@@ -1,12 +1,16 @@
-"""The local backend: worker processes computing shard gradients on shared-memory weights.
+"""The local backend: the trainer and worker processes computing shard gradients on shared-memory weights.
+
+With W workers, W processes compute: the trainer itself is worker 0 (exchange.py), and W - 1
+worker processes are workers 1 .. W - 1; with one worker the trainer computes alone.
 
 Lifetimes, written down where they happen:
 - The parent creates three anonymous shared-memory segments (shm.py) in `start()`: `params` (the
   flat float64 weights, written by the parent after each update), `slots` (one float64 gradient
   slot per worker, written only by its worker) and `data` (the raw uint8 train and test sets,
   written once before any worker starts). They have no name in /dev/shm: each is freed when the
-  last process holding it exits, so no way of dying can leak one. The parent keeps their
-  descriptors until `close()`, to hand them to restarted workers.
+  last process holding it exits, so no way of dying can leak one. The parent keeps them mapped
+  (it computes on them too) and keeps their descriptors until `close()`, to hand them to
+  restarted workers.
 - Workers (worker.py) attach once, when they start, from descriptors passed to them (whatever
   the start method), and never write `params` or `data`. They exit when the parent sends None,
   when their pipe closes, or when they notice their parent is gone (so a killed trainer leaves no
@@ -43,30 +47,46 @@ from .optim import STATE_VECTORS
 from .shm import Segment
 from .exchange import Exchange
 from .mailbox import EVAL, GRAD, STEP, STOP, Bell, Mailbox, encode, encode_batch
-from .worker import STATE_SLOTS, lanes_bytes, slot_views, worker_main
+from .worker import STATE_SLOTS, Shard, Shared, lanes_bytes, slot_views, worker_main
 
 REDUCERS = ("parent", "workers", "sharded") if SELECT_PIPES else ("parent",)  # capabilities.py
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
 
 
+class AsTrainer:
+    """A barrier as its party 0, the trainer, waits at it: through `gather` (Exchange.gather), which
+    watches the workers meanwhile."""
+
+    def __init__(self, barrier: PipeBarrier, gather: Callable[[PipeBarrier], None]):
+        self.barrier, self.gather = barrier, gather
+
+    def wait(self, party: int, alive: Callable[[], bool]) -> None:
+        self.gather(self.barrier)
+
+
 class WorkerPool:
-    """The shared segments and the worker processes on them: made, restarted and stopped.
+    """The shared segments, the trainer's own share of the work and the worker processes: made,
+    restarted and stopped.
 
     After `start`, `weights[b]` is weights buffer b's float64 view (one buffer, or two with
     reduce="sharded": the step reads one and the workers write the other), `state[b][j]` optimizer
     state vector j of buffer b (sharded only), `slots[k]` worker k's gradient slot (raw bytes),
-    `reduced` the reduce-scatter's result (reduce="workers" only), `conns[k]` and `procs[k]`
-    worker k's pipe and process.
+    `reduced` the reduce-scatter's result (reduce="workers" only), `local` worker 0's computation
+    (worker.Shard, run in the trainer), and `conns[k]`, `procs[k]` and `sentinels[k]` worker
+    process k's pipe, process and sentinel, for k = 1 .. workers - 1.
     """
 
-    def __init__(self, context, sizes: Sequence[int], workers: int, reduce: str, pixels: int):
+    def __init__(self, context, sizes: Sequence[int], workers: int, reduce: str, pixels: int,
+                 gather: Callable[[PipeBarrier], None]):
         self.context, self.sizes, self.workers, self.reduce, self.pixels = context, list(sizes), workers, reduce, pixels
+        self.gather = gather
         self.size = parameter_count(sizes)
         self.buffers = 2 if reduce == "sharded" else 1
         self.segments: dict[str, Segment] = {}
-        self.procs: list = []
-        self.conns: list = []
-        self.sentinels: list = []
+        self.procs: dict[int, object] = {}
+        self.conns: dict[int, object] = {}
+        self.sentinels: dict[int, int] = {}
+        self.shared: Shared | None = None
         self.barrier: PipeBarrier | None = None
         self.bell: Bell | None = None
         self.lanes_barriers: tuple[PipeBarrier, PipeBarrier] | None = None
@@ -95,9 +115,6 @@ class WorkerPool:
         for (start, length), blob in zip(self.layout, blobs):
             data[start : start + length] = blob
         del data, blobs
-        # The parent never reads the data again: unmapping its copy leaves those pages charged
-        # only to the workers that touch them. It keeps the descriptor, for workers started later.
-        self.segments["data"].unmap()
         self.weights = slot_views(self.segments["params"].buf, self.size, self.buffers)
         self.weights = [view.cast("d") for view in self.weights]
         self.slots = slot_views(self.segments["slots"].buf, self.size, self.workers)
@@ -108,10 +125,7 @@ class WorkerPool:
         if self.reduce == "sharded":
             vectors = slot_views(self.segments["state"].buf, self.size, self.buffers * STATE_SLOTS)
             self.state = [[v.cast("d") for v in vectors[b * STATE_SLOTS : (b + 1) * STATE_SLOTS]] for b in range(self.buffers)]
-        self.spawn()
-
-    def spawn(self) -> None:
-        spec = {
+        self.spec = {
             "segments": {key: seg.handle() for key, seg in self.segments.items()},
             "sizes": self.sizes,
             "layout": self.layout,
@@ -119,27 +133,36 @@ class WorkerPool:
             "workers": self.workers,
             "reduce": self.reduce,
         }
+        self.shared = Shared(self.segments, self.spec, 0)  # worker 0's views: the trainer's own
+        self.spawn()
+
+    def spawn(self) -> None:
+        spec = self.spec
         # A fresh barrier per generation of workers: one broken by a death is never reused. Pipes,
         # not multiprocessing's named semaphores, which SIGKILL to the group would leave in /dev/shm.
         self.barrier = PipeBarrier(self.workers) if self.reduce != "parent" else None
         self.bell = Bell() if self.reduce != "parent" else None
         self.lanes_barriers = (PipeBarrier(self.workers), PipeBarrier(self.workers)) if self.shares_lanes else None
-        self._start_helpers()
+        as_trainer = [None if b is None else AsTrainer(b, self.gather) for b in (self.barrier, *(self.lanes_barriers or ()))]
+        self.local = Shard(self.shared, spec, 0, as_trainer[0], lambda: True,
+                           tuple(as_trainer[1:]) if self.lanes_barriers else None, in_trainer=True)
+        if self.workers > 1:
+            self._start_helpers()
         # Workers start with the terminal's signals blocked (a signal mask survives fork and exec),
         # so a Ctrl-C or a closed terminal while a spawned worker is still importing cannot kill it
         # or print a traceback; the worker ignores them, then unblocks them. A signal meant for the
         # trainer meanwhile stays pending and is delivered when the mask is restored here. (No
         # signal mask on Windows: there the worker ignores them from its first line on.)
         with signals_blocked(TERMINAL_SIGNALS):
-            for k in range(self.workers):
+            for k in range(1, self.workers):
                 parent_end, child_end = self.context.Pipe()
                 proc = self.context.Process(target=worker_main, args=(child_end, spec, k, self.barrier, self.bell, self.lanes_barriers),
                                             name=f"parallel_nn-worker-{k}", daemon=True)
                 proc.start()
                 child_end.close()
-                self.procs.append(proc)
-                self.conns.append(parent_end)
-                self.sentinels.append(proc.sentinel)
+                self.procs[k] = proc
+                self.conns[k] = parent_end
+                self.sentinels[k] = proc.sentinel
 
     def _start_helpers(self) -> None:
         """The forkserver or resource tracker that the start method needs, started now with SIGHUP
@@ -163,13 +186,13 @@ class WorkerPool:
 
     def stop(self, graceful: bool) -> None:
         if graceful:
-            for conn in self.conns:
+            for conn in self.conns.values():
                 try:
                     conn.send_bytes(STOP)
                 except OSError:
                     pass
         deadline = time.monotonic() + (5.0 if graceful else 0.0)
-        for proc in self.procs:
+        for proc in self.procs.values():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.terminate()
@@ -178,9 +201,9 @@ class WorkerPool:
                 proc.kill()
                 proc.join()
             proc.close()  # its sentinel's descriptor now, not whenever the garbage collector runs
-        for conn in self.conns:
+        for conn in self.conns.values():
             conn.close()
-        self.procs, self.conns, self.sentinels = [], [], []
+        self.procs, self.conns, self.sentinels = {}, {}, {}
         for link in (self.barrier, self.bell, *(self.lanes_barriers or ())):
             if link is not None:
                 link.close()
@@ -193,6 +216,9 @@ class WorkerPool:
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, then close the parent's descriptors: the memory goes with the last user."""
         self.stop(graceful)
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
         if hasattr(self, "mailbox"):
             self.mailbox.buf.release()
             del self.mailbox
@@ -250,9 +276,9 @@ class LocalEngine(Engine):
         self.train_count, self.test_count, self.pixels = train.count, test.count if test else 0, train.pixels
         self.size = parameter_count(sizes)
         self.context = mp.get_context(start_method)
-        self.pool = WorkerPool(self.context, sizes, workers, reduce, self.pixels)
         self.current = 0  # the weights buffer that holds the weights now (reduce="sharded" flips it each step)
         self.exchange = Exchange(self)
+        self.pool = WorkerPool(self.context, sizes, workers, reduce, self.pixels, self.exchange.gather)
 
     def start(self) -> None:
         train, test = self._splits
@@ -269,7 +295,8 @@ class LocalEngine(Engine):
         self.pool.close(graceful)
 
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in self.pool.procs]
+        """The worker processes' (workers 1 .. W - 1; worker 0 is this process)."""
+        return [p.pid for p in self.pool.procs.values()]
 
     def nodes(self) -> int:
         return 1

@@ -65,15 +65,17 @@ def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barr
     # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
     parent_pid = os.getppid()
     die_with_parent()
-    shared = Shared(spec, slot)
+    segments = {key: handle.attach() for key, handle in spec["segments"].items()}
+    shared = Shared(segments, spec, slot)
     try:
-        work = Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid)
-        work.lanes_barriers = lanes_barriers
+        work = Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid, lanes_barriers)
         serve(conn, bell, work)
     except (EOFError, OSError):
         return  # the parent closed the pipe
     finally:
         shared.close()
+        for segment in segments.values():
+            segment.close()
 
 
 def serve(conn, bell, work: "Shard") -> None:
@@ -113,15 +115,17 @@ def serve(conn, bell, work: "Shard") -> None:
 
 
 class Shared:
-    """This worker's views of the shared segments (see local.py), attached once, released at the end.
+    """Participant `slot`'s views of the shared segments (see local.py): a worker's, attached once
+    when it starts, or the trainer's own (participant 0), on the segments it made. `close()`
+    releases the views; the segments are their owner's to close.
 
     `params[b]` is weights buffer b (one, or two with reduce="sharded"), as raw float64 bytes;
     `my_params[b]` and `my_state[b][j]` are this worker's slice of weights buffer b and of state
     vector j in state buffer b (reduce="sharded").
     """
 
-    def __init__(self, spec: dict, slot: int):
-        self.segments = {key: handle.attach() for key, handle in spec["segments"].items()}
+    def __init__(self, segments: dict, spec: dict, slot: int):
+        self.segments = segments
         size, workers, mode = parameter_count(spec["sizes"]), spec["workers"], spec["reduce"]
         self.size = size
         buffers = 2 if mode == "sharded" else 1
@@ -148,28 +152,30 @@ class Shared:
         for view in views:
             if view is not None:
                 view.release()
-        for segment in self.segments.values():
-            segment.close()
 
 
 STATE_SLOTS = max(len(v) for v in STATE_VECTORS.values())  # per-parameter state vectors kept per buffer
 
 
 class Shard:
-    """What a worker computes: its shard's gradient sum into its slot (and, reducing, its slice of
-    the sum over every slot; sharded, its slice of the update too), or its test examples' predictions."""
+    """What a participant computes: its shard's gradient sum into its slot (and, reducing, its slice
+    of the sum over every slot; sharded, its slice of the update too), or its test examples'
+    predictions. Participant 0 is the trainer itself (`in_trainer`): it runs the same code, but the
+    fault points meant for worker processes are not its own."""
 
-    def __init__(self, shared: Shared, spec: dict, slot: int, barrier, parent_alive):
+    def __init__(self, shared: Shared, spec: dict, slot: int, barrier, parent_alive, lanes_barriers=None,
+                 in_trainer: bool = False):
         self.shared, self.sizes, self.pixels, self.workers = shared, spec["sizes"], spec["pixels"], spec["workers"]
         self.slot, self.barrier, self.parent_alive = slot, barrier, parent_alive
-        self.lanes_barriers = None  # (scan, pack): CPython's workers share the packing of the lanes
+        self.lanes_barriers = lanes_barriers  # (scan, pack): CPython's participants share the packing of the lanes
+        self.point = (lambda phase: None) if in_trainer else faults.point
 
     def run(self, message: bytes, rec: Recorder, mine: bool = False) -> tuple:
         """What `message` asks (mailbox.decode): (loss, correct) of a step, or (loss, predictions) of
         an evaluation. `mine`: the message is the whole batch's (a broadcast); take my shard of it."""
         kind, current, _, update, (a, b) = decode(message)
         if kind == EVAL:
-            faults.point("worker evaluate")
+            self.point("worker evaluate")
             with rec.span("evaluate"):
                 return self.predictions(a, b, current)
         if mine:
@@ -182,7 +188,7 @@ class Shard:
     def gradient(self, packed: bytes, augment, current: int, rec: Recorder) -> tuple[float, int]:
         shared = self.shared
         train_images, train_labels = shared.splits[:2]
-        faults.point("compute")
+        self.point("compute")
         with rec.span("read weights"):
             weights = floats(shared.params[current])
         lanes = self.share_lanes(weights, rec) if self.lanes_barriers is not None else None
@@ -245,7 +251,7 @@ class Shard:
                                           for j, key in enumerate(STATE_VECTORS[name])}}
             new = optimizer.step(floats(shared.my_params[current]), grad, lr, scale)
             shared.my_params[1 - current].cast("d")[:] = array("d", new)
-            faults.point("worker update")  # half written: the step must be redone from buffer `current`
+            self.point("worker update")  # half written: the step must be redone from buffer `current`
             for j, key in enumerate(STATE_VECTORS[name]):
                 shared.my_state[1 - current][j].cast("d")[:] = array("d", optimizer.state[key])
 
