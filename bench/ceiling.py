@@ -1,6 +1,6 @@
 """Engine efficiency: how close the data-parallel step comes to what the cores can do.
 
-    python -m bench.ceiling [--workers 1,2] [--steps 60] [--rounds 3] [--reduce parent] [--markdown FILE]
+    python -m bench.ceiling [--workers 1,2] [--steps 60] [--rounds 5] [--reduce parent] [--markdown FILE]
 
 The ceiling for W workers: W plain processes started at once, each running the project's own
 kernels on batch/W examples per step (drawing and applying the default augmentation, decode,
@@ -19,6 +19,11 @@ W plain processes (what a barrier after every step would cost them on this machi
 runs) and the engine's efficiency against that. And each step's 90th percentile (the spread:
 pauses, contention), and the epoch it implies (120 steps plus one evaluation of the test set
 through the engine).
+
+Shared machines drift: the same step can take 50% longer a minute later. So each round times the
+ceiling and then the engine, back to back, and gives its own efficiency; the table reports the
+median of the rounds' efficiencies with their range (the spread of the figure itself, never the
+best round), next to the medians of every step of every round.
 """
 
 from __future__ import annotations
@@ -118,10 +123,10 @@ def table(worker_counts: list[int], steps: int, rounds: int, reduce: str = "pare
     lines = [f"{interpreter()}, {psutil.cpu_count(logical=False)} cores, {which}, batch {BATCH}, "
              f"{steps} steps after {WARMUP} of warm-up, {rounds} rounds, --reduce {reduce}", "",
              "| workers | ceiling step (median / p90) | the slowest of the W at each step (median) | engine step (median / p90) "
-             "| efficiency | against the slowest | p90 / median | epoch |",
+             "| efficiency: median of the rounds (range) | against the slowest | p90 / median | epoch |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in worker_counts:
-        top, slowest, steps_taken, evaluations = [], [], [], []
+        top, slowest, steps_taken, evaluations, per_round = [], [], [], [], []
         for _ in range(rounds):  # alternated, so that a noisy spell on a shared machine hits both
             per_process = ceiling(train, w, steps)
             top += [t for times in per_process for t in times]
@@ -129,12 +134,18 @@ def table(worker_counts: list[int], steps: int, rounds: int, reduce: str = "pare
             taken, evaluation = engine(train, test, w, steps, reduce)
             steps_taken += taken
             evaluations.append(evaluation)
+            per_round.append(statistics.median([t for times in per_process for t in times]) / statistics.median(taken))
         evaluation = statistics.median(evaluations)
         c, s, e = statistics.median(top), statistics.median(slowest), statistics.median(steps_taken)
         lines.append(f"| {w} | {1000 * c:.1f} / {1000 * p90(top):.1f} ms | {1000 * s:.1f} ms "
-                     f"| {1000 * e:.1f} / {1000 * p90(steps_taken):.1f} ms | {c / e:.2f} | {s / e:.2f} "
+                     f"| {1000 * e:.1f} / {1000 * p90(steps_taken):.1f} ms | {spread(per_round)} | {s / e:.2f} "
                      f"| {p90(steps_taken) / e:.2f} | {120 * e + evaluation:.2f} s |")
     return lines
+
+
+def spread(values: list[float]) -> str:
+    """'median (lowest-highest)' of per-round figures."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
@@ -142,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1, 2, 4, ... up to the cores here)")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per row (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="ceiling and engine alternated this many times (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="ceiling and engine alternated this many times (default: %(default)s)")
     parser.add_argument("--reduce", default="parent", choices=REDUCERS, help="the engine's mode (default: %(default)s)")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table here")
     args = parser.parse_args()

@@ -1,0 +1,91 @@
+"""What a user sees: the epoch time of `python -m parallel_nn --workers W`, against one worker.
+
+    python -m bench.speedup [--workers 1,2] [--rounds 5] [--epochs 3] [--markdown FILE] [-- TRAINER FLAGS]
+
+Each round runs the trainer itself once per worker count, with its defaults (batch 500, the
+default augmentation and optimizer, the whole MNIST, evaluation included) and whatever flags
+follow `--`, and reads `epoch_seconds` from the run's metrics.jsonl. The first epoch is left out
+(start-up, and the JIT's warm-up on PyPy); a run's figure is the median of its other epochs.
+
+Shared machines drift (the same epoch can take 50% longer a minute later), so the counts run back
+to back within a round, in alternating order, and each round gives its own ratio to the 1-worker
+epoch. The table reports the median of the rounds with their range: never the best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from bench import data
+from parallel_nn.kernels import interpreter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def epoch_seconds(workers: int, epochs: int, extra: list[str]) -> list[float]:
+    """The seconds of each epoch after the first, of one run of the trainer with `workers`."""
+    with tempfile.TemporaryDirectory(prefix="parallel_nn-speedup-") as tmp:
+        command = [sys.executable, "-m", "parallel_nn", "--workers", str(workers), "--epochs", str(epochs),
+                   "--run-dir", str(Path(tmp) / "run"), "--quiet", *extra]
+        done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"bench.speedup: the trainer failed ({' '.join(command[1:])}): "
+                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        metrics = [json.loads(line) for line in open(Path(tmp) / "run" / "metrics.jsonl")]
+    return [m["epoch_seconds"] for m in metrics[1:]]
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median (lowest-highest)' of per-round figures."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def table(counts: list[int], rounds: int, epochs: int, extra: list[str]) -> list[str]:
+    counts = sorted(set([1, *counts]))
+    seconds: dict[int, list[float]] = {w: [] for w in counts}
+    for r in range(rounds):
+        for w in counts if r % 2 == 0 else counts[::-1]:  # alternated: a slow spell hits every count alike
+            seconds[w].append(statistics.median(epoch_seconds(w, epochs, extra)))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{w} workers {seconds[w][-1]:.2f} s" for w in counts),
+              file=sys.stderr, flush=True)
+    flags = " ".join(extra) or "the defaults"
+    lines = [f"{interpreter()}, {psutil.cpu_count(logical=False)} cores, `python -m parallel_nn` with {flags}, "
+             f"{epochs} epochs a run (the first left out), {rounds} rounds", "",
+             "| workers | epoch, s: median of the rounds (range) | epoch / 1-worker epoch (range) | speed-up (range) |",
+             "|---:|---:|---:|---:|"]
+    for w in counts:
+        ratios = [a / b for a, b in zip(seconds[w], seconds[1])]
+        lines.append(f"| {w} | {spread(seconds[w])} | {spread(ratios)} | {spread([1 / x for x in ratios])} |")
+    return lines
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts, each against 1 "
+                        "(default: the physical cores here)")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each count, alternated (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs a run, the first left out (default: %(default)s)")
+    parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table here")
+    args = parser.parse_args(argv)
+    if args.epochs < 2 or args.rounds < 1:
+        parser.error("--epochs must be at least 2 (the first is left out) and --rounds at least 1")
+    if not data.REAL.joinpath("train-images-idx3-ubyte.gz").exists() and "--data-dir" not in extra:
+        raise SystemExit("bench.speedup: MNIST is not in datasets/mnist: run `make datasets` first "
+                         "(or pass the trainer's --data-dir after --)")
+    counts = [int(w) for w in args.workers.split(",")] if args.workers else [psutil.cpu_count(logical=False) or 1]
+    data.report(table(counts, args.rounds, args.epochs, extra), args.markdown)
+
+
+if __name__ == "__main__":
+    main()
