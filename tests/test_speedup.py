@@ -1,0 +1,30 @@
+"""bench/speedup.py, the user-facing speed-up benchmark: it runs the real trainer, reads its epochs,
+and reports each count against one worker; a trainer that fails is one line, not a table."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_table_has_every_count_against_one_worker(tiny_data, tmp_path):
+    table = tmp_path / "speedup.md"
+    done = subprocess.run([sys.executable, "-m", "bench.speedup", "--workers", "2", "--rounds", "2", "--epochs", "2",
+                           "--markdown", str(table), "--", "--data-dir", str(tiny_data), "--batch-size", "100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("round ") == 2  # progress, one line a round
+    rows = {int(m[1]): m for m in re.finditer(r"^\| (\d+) \| ([\d.]+) \(([\d.]+)-([\d.]+)\) \| ([\d.]+) \(", table.read_text(), re.M)}
+    assert sorted(rows) == [1, 2]
+    assert rows[1][5] == "1.00"  # one worker against itself
+    low, median, high = float(rows[2][3]), float(rows[2][2]), float(rows[2][4])
+    assert 0 < low <= median <= high
+
+
+def test_a_failing_trainer_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.speedup", "--rounds", "1", "--epochs", "2", "--",
+                           "--data-dir", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "bench.speedup: the trainer failed" in done.stderr
