@@ -129,14 +129,22 @@ def _predict(server, run: Path, body: bytes) -> dict:
 
 
 def _misclassified(server, run: Path, limit: int) -> dict:
+    """From serve's --data-dir, or else the data directory the run trained on (its config.json).
+    Without a test set in either, an answer with no digits and `missing` saying why: the page
+    shows it, and a browser logs no failed request."""
     server.cache.model(run)  # 404 first when the run has no weights
+    trained_on = (runinfo.read_json_file(run / "config.json") or {}).get("data_dir")
+    trained_on = trained_on if isinstance(trained_on, str) and trained_on else None
     try:
-        return server.cache.misclassified(run, limit)
+        return server.cache.misclassified(run, limit, trained_on)
     except UserError as e:
         message = str(e)
-        for folder in {os.path.abspath(server.cache.data_dir), os.path.normpath(server.cache.data_dir)}:
-            message = message.replace(folder + os.sep, "").replace(folder, "--data-dir")  # no server paths
-        raise ApiError(503, f"the test set cannot be read from --data-dir: {message}") from None
+        names = {server.cache.data_dir: "--data-dir", trained_on: "the run's data directory"}
+        for path, name in names.items():
+            for folder in {os.path.abspath(path), os.path.normpath(path)} if path else ():
+                message = message.replace(folder + os.sep, "").replace(folder, name)  # no server paths
+        where = "is in neither --data-dir nor the run's data directory" if trained_on else "cannot be read from --data-dir"
+        return {"total": 0, "wrong": 0, "items": [], "missing": f"the test set {where}: {message}"}
 
 
 # ---- the event stream ----

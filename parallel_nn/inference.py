@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -89,7 +90,7 @@ class Cache:
         self.lock = threading.Lock()  # the weights and the test set
         self.computing = threading.Lock()  # the test set's predictions (a second or so)
         self.models: OrderedDict = OrderedDict()  # path -> (stamp, Model), the least recently used first
-        self.test: Optional[tuple] = None  # (stamp, Split)
+        self.tests: OrderedDict = OrderedDict()  # data folder -> (stamp, Split), the least recently used first
         self.wrong: dict = {}  # (weights path, stamp, data stamp) -> (total, [(index, label, predicted)])
 
     @staticmethod
@@ -121,19 +122,30 @@ class Cache:
     def model(self, run: Path) -> Model:
         return self.weights(run)[1]
 
-    def test_set(self) -> tuple[tuple, mnist.Split]:
-        """(its files' stamp, the test split) from the data folder; UserError if it is missing."""
-        folder = Path(self.data_dir)
+    def test_set(self, trained_on: Optional[str] = None) -> tuple[tuple, mnist.Split]:
+        """(its folder and files' stamp, the test split) from serve's data folder or, where that one
+        does not hold the test set, from `trained_on` (the data directory a run's config.json
+        names); UserError, naming what is missing in the first, if neither holds it."""
+        folders = [Path(self.data_dir)] + ([Path(trained_on)] if trained_on else [])
+        folder = next((f for f in folders if holds_test_set(f)), None)
+        if folder is None:
+            raise UserError(f"{folders[0]} has no t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz) as regular "
+                            f"files: run `make datasets`, or give serve the --data-dir that holds them")
         with self.lock:
             names = [folder / f"t10k-{kind}-ubyte{gz}" for kind in ("images-idx3", "labels-idx1") for gz in (".gz", "")]
-            stamp = tuple(self.stamp(p) if p.exists() else None for p in names)
-            if self.test is None or self.test[0] != stamp:
-                self.test = (stamp, mnist.load_split(folder, "t10k"))
-            return self.test
+            stamp = (str(folder), *(self.stamp(p) if p.exists() else None for p in names))
+            cached = self.tests.pop(str(folder), None)
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, mnist.load_split(folder, "t10k"))
+            self.tests[str(folder)] = cached
+            while len(self.tests) > self.KEEP:
+                self.tests.popitem(last=False)
+            return cached
 
-    def misclassified(self, run: Path, limit: int) -> dict:
-        """The test digits the run's latest weights get wrong, the first `limit` with their pixels."""
-        data_stamp, test_set = self.test_set()
+    def misclassified(self, run: Path, limit: int, trained_on: Optional[str] = None) -> dict:
+        """The test digits the run's latest weights get wrong, the first `limit` with their pixels
+        (the test set as test_set finds it)."""
+        data_stamp, test_set = self.test_set(trained_on)
         weights_stamp, model = self.weights(run)
         key = (weights_stamp, data_stamp)
         with self.computing:
@@ -149,3 +161,16 @@ class Cache:
         items = [{"index": k, "label": y, "predicted": p, "pixels": list(test_set.images[k * n : (k + 1) * n])}
                  for k, y, p in wrong[: max(0, min(MAX_ITEMS, limit))]]
         return {"total": total, "wrong": len(wrong), "items": items}
+
+
+def holds_test_set(folder: Path) -> bool:
+    """Whether `folder` has the test images and labels (.gz or not) as regular files: never a FIFO
+    or a device, which a read would wait on or never finish."""
+    def regular(path: Path) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(path).st_mode)
+        except (OSError, ValueError):
+            return False
+
+    return all(regular(folder / f"t10k-{kind}-ubyte.gz") or regular(folder / f"t10k-{kind}-ubyte")
+               for kind in ("images-idx3", "labels-idx1"))

@@ -185,6 +185,29 @@ def test_the_page_with_no_runs_says_so_without_errors(browser, tiny_data, tmp_pa
         leave(browser)
 
 
+def test_the_digits_it_gets_wrong_come_from_where_the_run_trained_and_a_missing_test_set_is_no_error(
+        browser, finished_run, tmp_path):
+    """serve started where no dataset is (its default --data-dir, from another folder): the run's
+    config names where it trained, and the page reads the test set there. A run whose data is gone
+    shows why in the panel, with nothing in the console."""
+    shutil.copytree(finished_run / "tiny", tmp_path / "runs" / "tiny")
+    with serving(tmp_path / "runs", tmp_path / "datasets" / "mnist") as url:
+        severe(browser)
+        browser.get(url + "#run=tiny")
+        wait_for(browser, lambda d: "of 300 test digits wrong" in d.find_element(By.ID, "misclassified-summary").text, 15)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#misclassified canvas")) > 0
+        assert severe(browser) == []
+        leave(browser)
+    config = json.loads((tmp_path / "runs" / "tiny" / "config.json").read_text())
+    (tmp_path / "runs" / "tiny" / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "gone")}))
+    with serving(tmp_path / "runs", tmp_path / "datasets" / "mnist") as url:
+        browser.get(url + "#run=tiny")
+        wait_for(browser, lambda d: "make datasets" in d.find_element(By.ID, "misclassified-summary").text, 15)
+        assert browser.find_elements(By.CSS_SELECTOR, "#misclassified canvas") == []
+        assert severe(browser) == []  # no failed request logged
+        leave(browser)
+
+
 def test_a_finished_run_shows_its_curves_filters_timeline_and_reads_a_drawing(browser, finished_run, tiny_data):
     with serving(finished_run, tiny_data) as url:
         severe(browser)

@@ -273,11 +273,33 @@ def test_misclassified_agrees_with_evaluate(served, relabeled, evaluated_relabel
     assert len(served.get("/api/runs/done/misclassified?limit=100000")["items"]) == min(200, len(wrong))
 
 
-def test_without_the_test_set_misclassified_is_503(runs, page, tmp_path):
+def test_misclassified_reads_the_run_s_data_dir_when_serve_s_has_no_test_set(runs, page, tmp_path, tiny_data, evaluated):
+    config = json.loads((runs / "done" / "config.json").read_text())
+    assert os.path.samefile(config["data_dir"], tiny_data)  # trained with --data-dir elsewhere than serve's
     server = Served(runs, tmp_path / "nowhere", page)
     try:
         status, _, body = server.request("GET", "/api/runs/done/misclassified")
-        assert status == 503 and "missing" in body["error"] and "\n" not in body["error"]
+        wrong = [k for k, (y, p) in enumerate(zip(mnist.load_split(tiny_data, "t10k").labels, evaluated)) if y != p]
+        assert status == 200 and "missing" not in body
+        assert (body["total"], body["wrong"]) == (300, len(wrong)) and [i["index"] for i in body["items"]] == wrong[:36]
+    finally:
+        server.stop()
+
+
+def test_without_a_test_set_anywhere_misclassified_says_so_without_failing(runs, page, tmp_path):
+    moved = tmp_path / "runs"
+    shutil.copytree(runs / "done", moved / "done")
+    config = json.loads((moved / "done" / "config.json").read_text())
+    (moved / "done" / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "gone")}))
+    os.mkfifo(tmp_path / "fifo-data")  # never read: a FIFO is not a test set
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        os.symlink(tmp_path / "fifo-data", tmp_path / name)
+    server = Served(moved, tmp_path, page)
+    try:
+        status, _, body = server.request("GET", "/api/runs/done/misclassified")
+        assert status == 200 and (body["total"], body["wrong"], body["items"]) == (0, 0, [])
+        assert "neither --data-dir nor the run's data directory" in body["missing"] and "\n" not in body["missing"]
+        assert str(tmp_path) not in body["missing"]  # no server paths
     finally:
         server.stop()
 
@@ -773,12 +795,6 @@ def test_odd_requests(served):
 
 
 def test_errors_name_no_server_path(runs, page, tmp_path):
-    server = Served(runs, tmp_path / "nowhere", page)
-    try:
-        status, _, body = server.request("GET", "/api/runs/done/misclassified")
-        assert status == 503 and "missing" in body["error"] and str(tmp_path) not in body["error"]
-    finally:
-        server.stop()
     run = synthetic_run(tmp_path / "runs" / "r", 1)
     (run / "weights.json").write_text('{"format": "parallel_nn.weights/1"')
     server = Served(tmp_path / "runs", tmp_path / "nowhere", tmp_path / "no-page")

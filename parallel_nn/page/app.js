@@ -813,6 +813,11 @@ function loadLearned() {
   getJSON(api(name, "misclassified?limit=36"))
     .then((answer) => {
       if (state.learnedFor !== key) return;
+      if (answer.missing) {  // no test set where serve looked: say so, and how to fix it
+        summary.textContent = "no misclassified digits: " + answer.missing;
+        wrong.replaceChildren();
+        return;
+      }
       const count = (n) => Number(n).toLocaleString("en-US");
       summary.textContent = count(answer.wrong) + " of " + count(answer.total) + " test digits wrong ("
         + percent(answer.total ? 1 - answer.wrong / answer.total : null) + " right); the first "
