@@ -46,3 +46,18 @@ def interpreter() -> str:
         pypy = ".".join(map(str, sys.pypy_version_info[:3]))  # type: ignore[attr-defined]
         return f"PyPy {pypy} (Python {version})"
     return f"{IMPLEMENTATION} {version}"
+
+
+# What a run on CPython is told once (and `make`, when it builds its venv without PyPy): PyPy's
+# epoch against CPython 3.12's and 3.13's on this project's 2-core machine, 1 and 2 workers
+# (docs/speed.md#the-interpreter), and the README's command that installs it.
+PYPY_EPOCH_SPEEDUP = "6-7x"
+INSTALL_PYPY = "sudo apt-get install pypy3 pypy3-dev"
+
+
+def slow_path_note() -> str:
+    """One line for a process on CPython (empty on PyPy): how much faster PyPy trains, and how to get it."""
+    if IMPLEMENTATION == "PyPy":
+        return ""
+    return (f"note: this is {interpreter()}; PyPy trains {PYPY_EPOCH_SPEEDUP} faster here (docs/speed.md): "
+            f"`{INSTALL_PYPY}`, then `make train` builds its venv with it")

@@ -13,7 +13,7 @@ from typing import Optional
 import psutil
 
 from .events import Listener, StepDone
-from .kernels import KIND
+from .kernels import KIND, slow_path_note
 
 
 def write(stream, text: str) -> bool:
@@ -104,6 +104,8 @@ class Progress(Listener):
         if run.resumed:
             self.say(f"resuming {run.run_dir} at epoch {run.epoch + 1}, step {run.step}")
         self.say(f"python: {run.python} ({KIND} kernels); backend: {run.config.backend}")
+        if run.config.backend == "local" and slow_path_note():  # Ray has no PyPy build: no advice there
+            self.say(slow_path_note())
         self.say(f"config: {json.dumps(asdict(run.config))}")
 
     def step_done(self, run, s: StepDone) -> None:
