@@ -1,6 +1,7 @@
 """What a user sees: the epoch time of `python -m parallel_nn --workers W`, against one worker.
 
-    python -m bench.speedup [--workers 1,2] [--rounds 5] [--epochs 3] [--markdown FILE] [-- TRAINER FLAGS]
+    python -m bench.speedup [--workers 1,2] [--rounds 5] [--epochs 3] [--backends local,ray] [--markdown FILE]
+                            [-- TRAINER FLAGS]
 
 Each round runs the trainer itself once per worker count, with its defaults (batch 500, the
 default augmentation and optimizer, the whole MNIST, evaluation included) and whatever flags
@@ -10,6 +11,9 @@ follow `--`, and reads `epoch_seconds` from the run's metrics.jsonl. The first e
 Shared machines drift (the same epoch can take 50% longer a minute later), so the counts run back
 to back within a round, in alternating order, and each round gives its own ratio to the 1-worker
 epoch. The table reports the median of the rounds with their range: never the best round.
+
+`--backends local,ray` runs every count on each backend (Ray needs the ray extra, so CPython) and
+adds each Ray epoch's ratio to the local epoch with the same workers, from the same round.
 """
 
 from __future__ import annotations
@@ -48,22 +52,25 @@ def spread(values: list[float], digits: int = 2) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def table(counts: list[int], rounds: int, epochs: int, extra: list[str]) -> list[str]:
-    counts = sorted(set([1, *counts]))
-    seconds: dict[int, list[float]] = {w: [] for w in counts}
+def table(counts: list[int], rounds: int, epochs: int, extra: list[str], backends: list[str]) -> list[str]:
+    runs = [(b, w) for b in backends for w in sorted(set([1, *counts]))]
+    seconds: dict[tuple, list[float]] = {run: [] for run in runs}
     for r in range(rounds):
-        for w in counts if r % 2 == 0 else counts[::-1]:  # alternated: a slow spell hits every count alike
-            seconds[w].append(statistics.median(epoch_seconds(w, epochs, extra)))
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{w} workers {seconds[w][-1]:.2f} s" for w in counts),
+        for b, w in runs if r % 2 == 0 else runs[::-1]:  # alternated: a slow spell hits every run alike
+            seconds[b, w].append(statistics.median(epoch_seconds(w, epochs, ["--backend", b, *extra])))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{b} {w} workers {seconds[b, w][-1]:.2f} s" for b, w in runs),
               file=sys.stderr, flush=True)
     flags = " ".join(extra) or "the defaults"
     lines = [f"{interpreter()}, {psutil.cpu_count(logical=False)} cores, `python -m parallel_nn` with {flags}, "
              f"{epochs} epochs a run (the first left out), {rounds} rounds", "",
-             "| workers | epoch, s: median of the rounds (range) | epoch / 1-worker epoch (range) | speed-up (range) |",
-             "|---:|---:|---:|---:|"]
-    for w in counts:
-        ratios = [a / b for a, b in zip(seconds[w], seconds[1])]
-        lines.append(f"| {w} | {spread(seconds[w])} | {spread(ratios)} | {spread([1 / x for x in ratios])} |")
+             "| backend | workers | epoch, s: median of the rounds (range) | epoch / 1-worker epoch (range) | speed-up (range) "
+             "| epoch / local epoch, same workers (range) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for b, w in runs:
+        ratios = [a / one for a, one in zip(seconds[b, w], seconds[backends[0], 1])]
+        local = [a / l for a, l in zip(seconds[b, w], seconds["local", w])] if "local" in backends else []
+        lines.append(f"| {b} | {w} | {spread(seconds[b, w])} | {spread(ratios)} | {spread([1 / x for x in ratios])} "
+                     f"| {spread(local) if local else '-'} |")
     return lines
 
 
@@ -76,15 +83,19 @@ def main() -> None:
                         "(default: the physical cores here)")
     parser.add_argument("--rounds", type=int, default=5, help="runs of each count, alternated (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs a run, the first left out (default: %(default)s)")
+    parser.add_argument("--backends", default="local", help="comma-separated: local, ray (default: %(default)s)")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table here")
     args = parser.parse_args(argv)
+    backends = args.backends.split(",")
+    if not set(backends) <= {"local", "ray"} or len(set(backends)) != len(backends):
+        parser.error("--backends: local and/or ray, each once")
     if args.epochs < 2 or args.rounds < 1:
         parser.error("--epochs must be at least 2 (the first is left out) and --rounds at least 1")
     if not data.REAL.joinpath("train-images-idx3-ubyte.gz").exists() and "--data-dir" not in extra:
         raise SystemExit("bench.speedup: MNIST is not in datasets/mnist: run `make datasets` first "
                          "(or pass the trainer's --data-dir after --)")
     counts = [int(w) for w in args.workers.split(",")] if args.workers else [psutil.cpu_count(logical=False) or 1]
-    data.report(table(counts, args.rounds, args.epochs, extra), args.markdown)
+    data.report(table(counts, args.rounds, args.epochs, extra, backends), args.markdown)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def test_bad_addresses_and_a_cluster_without_cpus(tiny_data, tmp_path):
 def test_a_private_instance_is_loopback_only_and_leaves_nothing(tiny_data):
     """In a fresh interpreter, as a run starts one (this process is a driver of the test cluster)."""
     script = f"""
-import json, sys
+import json, os, sys
 sys.path.insert(0, "tests")
 from test_ray import SIZES, non_loopback_connections, ray_pids
 from parallel_nn import mnist
@@ -200,12 +200,15 @@ with RayEngine(SIZES, train_set, test_set, 2) as engine:
     engine.set_params(he_init(SIZES, 0))
     engine.gradient(range(300))
     mine = ray_pids() - before
-    print(json.dumps({{"pids": sorted(mine), "bad": non_loopback_connections(mine)}}))
+    nice = [os.getpriority(os.PRIO_PROCESS, pid) for pid in engine.worker_pids()]
+    print(json.dumps({{"pids": sorted(mine), "bad": non_loopback_connections(mine), "nice": nice}}))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["pids"] and result["bad"] == []
+    assert result["nice"] == [os.getpriority(os.PRIO_PROCESS, 0)] * 2  # the actors compute at the trainer's priority, not Ray's 15
     deadline = time.monotonic() + 10
     alive = result["pids"]
     while alive and time.monotonic() < deadline:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,7 +18,7 @@ def test_the_table_has_every_count_against_one_worker(tiny_data, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("round ") == 2  # progress, one line a round
-    rows = {int(m[1]): m for m in re.finditer(r"^\| (\d+) \| ([\d.]+) \(([\d.]+)-([\d.]+)\) \| ([\d.]+) \(", table.read_text(), re.M)}
+    rows = {int(m[1]): m for m in re.finditer(r"^\| local \| (\d+) \| ([\d.]+) \(([\d.]+)-([\d.]+)\) \| ([\d.]+) \(", table.read_text(), re.M)}
     assert sorted(rows) == [1, 2]
     assert rows[1][5] == "1.00"  # one worker against itself
     low, median, high = float(rows[2][3]), float(rows[2][2]), float(rows[2][4])
@@ -28,3 +30,17 @@ def test_a_failing_trainer_is_one_line(tmp_path):
                            "--data-dir", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "bench.speedup: the trainer failed" in done.stderr
+
+
+def test_ray_rows_give_their_ratio_to_the_local_epoch(tiny_data, tmp_path):
+    pytest.importorskip("ray", reason="the Ray extra is not installed")
+    table = tmp_path / "speedup.md"
+    done = subprocess.run([sys.executable, "-m", "bench.speedup", "--workers", "2", "--rounds", "1", "--epochs", "2",
+                           "--backends", "local,ray", "--markdown", str(table), "--",
+                           "--data-dir", str(tiny_data), "--batch-size", "100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = {(m[1], int(m[2])): float(m[3]) for m in
+            re.finditer(r"^\| (local|ray) \| (\d+) \|.*\| ([\d.]+) \([\d.]+-[\d.]+\) \|$", table.read_text(), re.M)}
+    assert set(rows) == {("local", 1), ("local", 2), ("ray", 1), ("ray", 2)}
+    assert rows["local", 1] == rows["local", 2] == 1.0 and rows["ray", 1] > 0 and rows["ray", 2] > 0
