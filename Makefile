@@ -31,6 +31,7 @@ test: install
 bench: datasets
 	$(PY) -m pytest --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
 	$(PY) -m bench.ceiling
+	$(PY) -m bench.speedup
 	$(PY) -m bench.scaling --plot docs/scaling.png
 
 # Every supported interpreter found here, side by side (each gets its own venv, .venv-<name>).
