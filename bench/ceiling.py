@@ -138,14 +138,10 @@ def table(worker_counts: list[int], steps: int, rounds: int, reduce: str = "pare
         evaluation = statistics.median(evaluations)
         c, s, e = statistics.median(top), statistics.median(slowest), statistics.median(steps_taken)
         lines.append(f"| {w} | {1000 * c:.1f} / {1000 * p90(top):.1f} ms | {1000 * s:.1f} ms "
-                     f"| {1000 * e:.1f} / {1000 * p90(steps_taken):.1f} ms | {spread(per_round)} | {s / e:.2f} "
+                     f"| {1000 * e:.1f} / {1000 * p90(steps_taken):.1f} ms | {data.spread(per_round)} | {s / e:.2f} "
                      f"| {p90(steps_taken) / e:.2f} | {120 * e + evaluation:.2f} s |")
     return lines
 
-
-def spread(values: list[float]) -> str:
-    """'median (lowest-highest)' of per-round figures."""
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:

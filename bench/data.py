@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def load() -> tuple[mnist.Split, mnist.Split, str]:
         train, test = mnist.load(REAL)
         return train, test, "MNIST"
     return synthetic(60000, 0), synthetic(10000, 1), "synthetic (run `make datasets` for MNIST)"
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median (lowest-highest)' of per-round figures: what a benchmark reports, never its best round."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def report(lines: list[str], markdown: str | None) -> None:

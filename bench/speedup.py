@@ -47,10 +47,6 @@ def epoch_seconds(workers: int, epochs: int, extra: list[str]) -> list[float]:
     return [m["epoch_seconds"] for m in metrics[1:]]
 
 
-def spread(values: list[float], digits: int = 2) -> str:
-    """'median (lowest-highest)' of per-round figures."""
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
 
 def table(counts: list[int], rounds: int, epochs: int, extra: list[str], backends: list[str]) -> list[str]:
     runs = [(b, w) for b in backends for w in sorted(set([1, *counts]))]
@@ -69,8 +65,8 @@ def table(counts: list[int], rounds: int, epochs: int, extra: list[str], backend
     for b, w in runs:
         ratios = [a / one for a, one in zip(seconds[b, w], seconds[backends[0], 1])]
         local = [a / l for a, l in zip(seconds[b, w], seconds["local", w])] if "local" in backends else []
-        lines.append(f"| {b} | {w} | {spread(seconds[b, w])} | {spread(ratios)} | {spread([1 / x for x in ratios])} "
-                     f"| {spread(local) if local else '-'} |")
+        lines.append(f"| {b} | {w} | {data.spread(seconds[b, w])} | {data.spread(ratios)} | {data.spread([1 / x for x in ratios])} "
+                     f"| {data.spread(local) if local else '-'} |")
     return lines
 
 
