@@ -30,10 +30,13 @@ forever for a task whose worker was killed (cpython#96062), while `connection.wa
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import time
 from array import array
 from typing import Callable, Sequence
+
+import psutil
 
 from . import faults
 from .capabilities import SELECT_PIPES, SIGHUP, TERMINAL_SIGNALS, signals_blocked
@@ -132,6 +135,7 @@ class WorkerPool:
             "pixels": self.pixels,
             "workers": self.workers,
             "reduce": self.reduce,
+            "trainer": (os.getpid(), psutil.Process().create_time()),  # party 0 of the workers' barriers
         }
         self.shared = Shared(self.segments, self.spec, 0)  # worker 0's views: the trainer's own
         self.spawn()

@@ -13,6 +13,8 @@ import traceback
 from array import array
 from multiprocessing.connection import wait
 
+import psutil
+
 from . import faults
 from .capabilities import SELECT_PIPES, TERMINAL_SIGNALS, unblock
 from .engine import reduce_sums, shard, shard_gradient, shard_predictions, unpack_indices
@@ -51,6 +53,16 @@ def die_with_parent() -> None:
         pass
 
 
+def process_alive(pid: int, started: float) -> bool:
+    """Whether process `pid`, started at `started` (psutil's create_time: not a later process given
+    the same pid), still runs; a zombie has ended."""
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barriers=None) -> None:
     # Ctrl-C at a terminal, or its closing (SIGHUP), goes to the whole process group; only the
     # parent decides what it means (save, stop the workers). A worker that died of it would look
@@ -63,12 +75,15 @@ def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barr
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The process that started us: the trainer (fork, spawn) or the forkserver, which exits with
     # the trainer. If it goes, we are re-parented, and leave rather than linger as an orphan.
+    # Waiting at a barrier, whose party 0 is the trainer, we also check the trainer itself: under
+    # forkserver a dead trainer's forkserver lives on while we (holding its pipe) wait for ever.
     parent_pid = os.getppid()
     die_with_parent()
     segments = {key: handle.attach() for key, handle in spec["segments"].items()}
     shared = Shared(segments, spec, slot)
     try:
-        work = Shard(shared, spec, slot, barrier, lambda: os.getppid() == parent_pid, lanes_barriers)
+        alive = lambda: os.getppid() == parent_pid and process_alive(*spec["trainer"])  # noqa: E731
+        work = Shard(shared, spec, slot, barrier, alive, lanes_barriers)
         serve(conn, bell, work)
     except (EOFError, OSError):
         return  # the parent closed the pipe

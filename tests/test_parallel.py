@@ -187,11 +187,18 @@ def _in_group(p, pgid):
         return False
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
-def test_a_killed_trainer_leaves_no_orphans(tiny_data, tmp_path, method):
-    proc = start_cli(tmp_path, tiny_data, "--start-method", method)
+@pytest.mark.parametrize("method,reduce", [("fork", "parent"), ("forkserver", "parent"), ("fork", "sharded"),
+                                           ("forkserver", "sharded")])
+def test_a_killed_trainer_leaves_no_orphans(tiny_data, tmp_path, method, reduce):
+    """Also with a workers' reduction, whose barrier waits for the trainer (its party 0): under
+    forkserver a worker's parent is the forkserver, which outlives a killed trainer while the
+    workers hold its pipe, so they must watch the trainer itself."""
+    proc = start_cli(tmp_path, tiny_data, "--start-method", method, "--reduce", reduce, "--batch-size", "600")
     wait_for_workers(proc, 2)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "run" / "progress.jsonl").exists():
+        time.sleep(0.01)  # steps are under way: the workers meet at barriers now
+    time.sleep(0.2)
     workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     proc.kill()
     proc.communicate(timeout=10)
