@@ -164,13 +164,17 @@ class Cache:
 
 
 def holds_test_set(folder: Path) -> bool:
-    """Whether `folder` has the test images and labels (.gz or not) as regular files: never a FIFO
-    or a device, which a read would wait on or never finish."""
-    def regular(path: Path) -> bool:
-        try:
-            return stat.S_ISREG(os.stat(path).st_mode)
-        except (OSError, ValueError):
-            return False
+    """Whether the files mnist.load_split would open in `folder` (for each of the test images and
+    labels the .gz where it exists, else the plain file) are regular files: never a FIFO or a
+    device, which a read would wait on or never finish."""
+    def chosen_is_regular(stem: Path) -> bool:
+        for path in (stem.with_name(stem.name + ".gz"), stem):
+            try:
+                return stat.S_ISREG(os.stat(path).st_mode)
+            except FileNotFoundError:
+                continue  # as mnist._find: the next candidate
+            except (OSError, ValueError):
+                return False
+        return False
 
-    return all(regular(folder / f"t10k-{kind}-ubyte.gz") or regular(folder / f"t10k-{kind}-ubyte")
-               for kind in ("images-idx3", "labels-idx1"))
+    return all(chosen_is_regular(folder / f"t10k-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1"))

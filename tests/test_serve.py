@@ -286,7 +286,7 @@ def test_misclassified_reads_the_run_s_data_dir_when_serve_s_has_no_test_set(run
         server.stop()
 
 
-def test_without_a_test_set_anywhere_misclassified_says_so_without_failing(runs, page, tmp_path):
+def test_without_a_test_set_anywhere_misclassified_says_so_without_failing(runs, page, tmp_path, tiny_data):
     moved = tmp_path / "runs"
     shutil.copytree(runs / "done", moved / "done")
     config = json.loads((moved / "done" / "config.json").read_text())
@@ -294,6 +294,12 @@ def test_without_a_test_set_anywhere_misclassified_says_so_without_failing(runs,
     os.mkfifo(tmp_path / "fifo-data")  # never read: a FIFO is not a test set
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         os.symlink(tmp_path / "fifo-data", tmp_path / name)
+    # nor a FIFO named .gz beside a regular file: the loader opens the .gz where there is one
+    (tmp_path / "gone").mkdir()
+    mnist.write_split(tmp_path / "gone", "t10k", mnist.load_split(tiny_data, "t10k"))
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / "gone" / name).rename(tmp_path / "gone" / name[:-3])  # the same bytes, under the plain name
+        os.symlink(tmp_path / "fifo-data", tmp_path / "gone" / name)
     server = Served(moved, tmp_path, page)
     try:
         status, _, body = server.request("GET", "/api/runs/done/misclassified")
