@@ -32,6 +32,7 @@ from bench import data
 from parallel_nn.kernels import interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
+OWNED = ("--workers", "--epochs", "--run-dir", "--backend", "--resume", "--quiet", "--help", "-h")  # set per run here
 
 
 def epoch_seconds(workers: int, epochs: int, extra: list[str]) -> list[float]:
@@ -82,15 +83,23 @@ def main() -> None:
     parser.add_argument("--backends", default="local", help="comma-separated: local, ray (default: %(default)s)")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table here")
     args = parser.parse_args(argv)
+    owned = [a for a in extra if a.split("=")[0] in OWNED]
+    if owned:
+        parser.error(f"{owned[0].split('=')[0]} after -- is the benchmark's own to set; give the trainer's other flags there")
+    try:
+        counts = [int(w) for w in args.workers.split(",")] if args.workers else [psutil.cpu_count(logical=False) or 1]
+    except ValueError:
+        parser.error(f"--workers {args.workers}: comma-separated whole numbers, e.g. 2 or 2,8")
+    if min(counts) < 1:
+        parser.error("--workers: each count must be at least 1")
     backends = args.backends.split(",")
     if not set(backends) <= {"local", "ray"} or len(set(backends)) != len(backends):
         parser.error("--backends: local and/or ray, each once")
     if args.epochs < 2 or args.rounds < 1:
         parser.error("--epochs must be at least 2 (the first is left out) and --rounds at least 1")
-    if not data.REAL.joinpath("train-images-idx3-ubyte.gz").exists() and "--data-dir" not in extra:
+    if not data.REAL.joinpath("train-images-idx3-ubyte.gz").exists() and not any(a.split("=")[0] == "--data-dir" for a in extra):
         raise SystemExit("bench.speedup: MNIST is not in datasets/mnist: run `make datasets` first "
                          "(or pass the trainer's --data-dir after --)")
-    counts = [int(w) for w in args.workers.split(",")] if args.workers else [psutil.cpu_count(logical=False) or 1]
     data.report(table(counts, args.rounds, args.epochs, extra, backends), args.markdown)
 
 

@@ -25,6 +25,13 @@ def test_the_table_has_every_count_against_one_worker(tiny_data, tmp_path):
     assert 0 < low <= median <= high
 
 
+@pytest.mark.parametrize("args", [["--workers", "abc"], ["--workers", "0"], ["--", "--epochs", "1"],
+                                  ["--", "--run-dir", "x"], ["--", "--help"], ["--backends", "foo"], ["--epochs", "1"]])
+def test_bad_flags_are_one_line(args):
+    done = subprocess.run([sys.executable, "-m", "bench.speedup", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("speedup.py: error:")
+
+
 def test_a_failing_trainer_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.speedup", "--rounds", "1", "--epochs", "2", "--",
                            "--data-dir", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=120)
