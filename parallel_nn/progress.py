@@ -104,8 +104,9 @@ class Progress(Listener):
         if run.resumed:
             self.say(f"resuming {run.run_dir} at epoch {run.epoch + 1}, step {run.step}")
         self.say(f"python: {run.python} ({KIND} kernels); backend: {run.config.backend}")
-        if run.config.backend == "local" and slow_path_note():  # Ray has no PyPy build: no advice there
-            self.say(slow_path_note())
+        note = slow_path_note() if run.config.backend == "local" else ""  # Ray has no PyPy build: no advice there
+        if note:
+            self.say(note)
         self.say(f"config: {json.dumps(asdict(run.config))}")
 
     def step_done(self, run, s: StepDone) -> None:
