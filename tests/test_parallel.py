@@ -96,22 +96,39 @@ def test_a_killed_worker_is_replaced_and_the_step_redone(tiny_splits):
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
 
 
-class Killer(threading.Thread):
-    """Keeps killing every child of this process: a worker that dies however often it is restarted."""
+KILLER = """
+import os, signal, sys, time
+import psutil
+parent = psutil.Process(int(sys.argv[1]))
+while True:
+    for child in parent.children():
+        try:
+            if child.pid != os.getpid() and "resource_tracker" not in " ".join(child.cmdline()):
+                child.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    time.sleep(0.01)
+"""
+
+
+class Killer:
+    """Keeps killing every child of this process: a worker that dies however often it is restarted.
+    A process of its own, not a thread here: the trainer computes a shard too, and a thread in its
+    process waits for the GIL between /proc reads for so long that a restarted worker can finish a step."""
 
     def __init__(self):
-        super().__init__(daemon=True)
-        self.running = True
+        self.proc = None
 
-    def run(self):
-        while self.running:
-            for child in psutil.Process().children():
-                try:
-                    if "resource_tracker" not in " ".join(child.cmdline()):  # the tracker is no worker
-                        child.send_signal(signal.SIGKILL)
-                except psutil.Error:
-                    pass
-            time.sleep(0.01)
+    def is_alive(self) -> bool:
+        return self.proc is not None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", KILLER, str(os.getpid())])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def test_workers_that_keep_dying_stop_the_run_with_a_resumable_checkpoint(tiny_data, tmp_path):
@@ -127,8 +144,7 @@ def test_workers_that_keep_dying_stop_the_run_with_a_resumable_checkpoint(tiny_d
         with pytest.raises(WorkerCrashed, match="gave up after 3 restarts"):
             train(Config(run_dir=str(tmp_path / "crash"), **base), on_step=start_killing)
     finally:
-        killer.running = False
-        killer.join()
+        killer.stop()
     assert shm_segments() <= before
     train(Config(**base), resume=str(tmp_path / "crash"))
     train(Config(run_dir=str(tmp_path / "straight"), **base))
