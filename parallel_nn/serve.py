@@ -182,7 +182,11 @@ class Handler(BaseHTTPRequestHandler):
         text = (self.headers.get("Content-Length") or "").strip()
         if not (text.isascii() and text.isdigit()):  # digits only: not "1_0", "+5" or "-1"
             raise ApiError(400, "a JSON body with a Content-Length (digits only) is required")
-        length = int(text)
+        digits = text.lstrip("0") or "0"
+        if len(digits) > len(str(MAX_BODY)):  # never made a number: int() of over 4,300 digits raises
+            raise ApiError(413, f"the body's Content-Length has {len(digits)} digits; at most {MAX_BODY} bytes "
+                                f"are accepted")
+        length = int(digits)
         if length > MAX_BODY:
             raise ApiError(413, f"the body is {length} bytes; at most {MAX_BODY} are accepted")
         return self.rfile.read(length)

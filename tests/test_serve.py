@@ -372,6 +372,21 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(served):
         conn.close()
 
 
+@pytest.mark.parametrize("length", ["9" * 5000, "0" * 5000 + "99999999999999999999"], ids=["nines", "zeros first"])
+def test_a_content_length_too_long_to_be_a_number_is_413(served, length):
+    """int() of over 4,300 digits raises (CPython 3.11+, PyPy): it was a 500."""
+    conn = served.connection(timeout=10)
+    try:
+        conn.putrequest("POST", "/api/runs/done/predict")
+        conn.putheader("Content-Length", length)
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 413 and response.getheader("Content-Type") == "application/json"
+        assert "at most 65536 bytes" in json.loads(response.read())["error"]
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("body, reason", [
     (b"{not json", "not JSON"),
     (b"\xff\xfe", "not JSON"),
