@@ -7,8 +7,9 @@ bound to a loopback address it answers only requests addressed to a loopback nam
 the --host given (a web page elsewhere that points a name of its own at 127.0.0.1, DNS rebinding,
 is refused). It serves the files of the package's page folder by name, and of the run directories
 only what the API makes of them; a path with a `..` segment is refused before anything is looked
-up. Quiet unless --verbose. Ctrl-C stops it at once: the event streams' threads are daemons and see
-the server closing.
+up. Every error it sends is JSON in the API's shape, those of the HTTP layer too (a request it
+cannot read, a method no path answers). Quiet unless --verbose. Ctrl-C stops it at once: the event
+streams' threads are daemons and see the server closing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8", ".png": "image/png", ".txt": "text/plain; charset=utf-8"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CONNECTION_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+ALLOWED_METHODS = "GET, HEAD, POST"  # what some path answers (a 405 gives the path's own Allow)
 
 
 class Server(ThreadingHTTPServer):
@@ -140,6 +142,22 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug: one line for the client, one on the server's stderr
             write(sys.stderr, f"serve: {self.command} {self.path[:200]}: {type(e).__name__}: {e}\n")
             self.send_json({"error": f"internal error: {type(e).__name__}"}, 500)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """What the standard library's handler refuses before a do_ method runs (a request line or
+        headers it cannot read, a URI or headers too long, a method no do_ method answers), as JSON in
+        the API's shape instead of its HTML page."""
+        self.log_error("code %d, message %s", code, message)
+        reason = {414: "the request's URI is longer than this server reads",
+                  501: f"{self.command} is not a method this server answers ({ALLOWED_METHODS} are)"}.get(code)
+        if reason is None:  # the standard library's words: "Bad request syntax ('...')", "Too many headers: ..."
+            reason = ": ".join(filter(None, (message or self.responses.get(code, ("error",))[0], explain)))
+        headers = {"Connection": "close"}
+        if code == 501:  # a method no path answers: say which do
+            headers["Allow"] = ALLOWED_METHODS
+        if self.request_version == "HTTP/0.9":  # a request line it could not read: a whole response still
+            self.request_version = "HTTP/1.0"  # (HTTP/0.9's would be the body alone, no status line)
+        self.send_json({"error": " ".join(str(reason).split())[:300]}, code, headers)
 
     def check_host(self) -> None:
         if not self.server.loopback_only:

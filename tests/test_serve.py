@@ -867,6 +867,39 @@ def test_odd_requests(served):
         assert status == 400 and "Content-Length" in body["error"], length
 
 
+def raw_request(server, data: bytes):
+    """(status, response, body) of `data` sent as it is (what http.client would not send). Each request
+    ends where the server stops reading it: bytes left unread would make its close a reset."""
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(data)
+        response = http.client.HTTPResponse(s)
+        response.begin()
+        return response.status, response, response.read()
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GARBAGE\r\n", 400),
+    (b"GET / HTTP/1.1 extra\r\n", 400),
+    (b"GET / HTTX/1.1\r\n", 400),
+    (b"GET / HTTP/2.0\r\n", 505),
+    (b"GET /" + b"a" * 65532, 414),  # a request line of 65,537 bytes
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 65534, 431),  # a header line of 65,537 bytes
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % k for k in range(101)), 431),
+    (b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+    (b"BREW /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+], ids=["no version", "four words", "not HTTP", "HTTP/2.0", "URI too long", "header too long", "101 headers",
+        "TRACE", "BREW"])
+def test_what_http_refuses_is_json_too(served, data, status):
+    """The standard library's handler answered these with its HTML page (a request line it could not
+    read with no status line at all), and a 501 without Allow."""
+    got, response, body = raw_request(served, data)
+    assert got == status and response.version == 10 and response.getheader("Content-Type") == "application/json"
+    error = json.loads(body)["error"]
+    assert error and "\n" not in error and set(json.loads(body)) == {"error"}
+    if status == 501:
+        assert response.getheader("Allow") == "GET, HEAD, POST" and "not a method this server answers" in error
+
+
 def test_errors_name_no_server_path(runs, page, tmp_path):
     run = synthetic_run(tmp_path / "runs" / "r", 1)
     (run / "weights.json").write_text('{"format": "parallel_nn.weights/1"')
