@@ -159,6 +159,7 @@ class RunWatch:
 
     def __init__(self, run: Path, since: int):
         self.run, self.since, self.next = run, since, since
+        self.identity = identity(run)  # the directory the stream follows, not whatever takes its name later
         self.tail = StepTail(run / PROGRESS_NAME, run)
         self.steps_per_epoch: Optional[int] = None
         self.epochs: Optional[list] = None  # the metrics lines sent or passed over (None: not looked yet)
@@ -170,13 +171,20 @@ class RunWatch:
         call: the state, then every step with i >= since, the epochs that ended at or after it and
         the latest epoch (so an epoch may come twice: clients key epochs by their number). When the
         run's files were replaced or cut back (its directory used again, a resume): `reset`, then
-        everything again from step 0. A run gone: only its state, `gone`."""
-        state = runinfo.run_state(self.run)
+        everything again from step 0. A run gone: only its state, `gone`; so is a run whose directory
+        was swapped for another (a link out of the runs, another folder): nothing of it is sent."""
+        state = runinfo.run_state(self.run) if self.in_place() else "gone"
         reset, events = (False, []) if state == "gone" else self.new_content()
+        if state != "gone" and not self.in_place():  # swapped while its files were read: they were another's
+            state, reset, events = "gone", False, []
         if state != self.state:  # the first one before the rest; a change after what led to it
             events.insert(0 if self.state is None else len(events), sse("state", {"state": state}))
             self.state = state
         return [sse("reset", {})] + events if reset else events
+
+    def in_place(self) -> bool:
+        """Whether the run's path still names the directory the stream started on."""
+        return self.identity is not None and identity(self.run) == self.identity
 
     def new_content(self) -> tuple[bool, list[str]]:
         """(whether the run's files started over, the step and epoch events since the last call)."""
@@ -235,6 +243,15 @@ class RunWatch:
         new = metrics[len(self.epochs) :]
         self.epochs = metrics
         return new
+
+
+def identity(path: Path) -> Optional[tuple]:
+    """(device, inode) of `path` itself (a link is not followed), None where there is nothing."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def event_stream(run: Path, since: int, closing, gone: Callable[[], bool]) -> Iterator[str]:

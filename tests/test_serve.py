@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_nn import mnist, steplog
+from parallel_nn import api, mnist, steplog
 from parallel_nn.train import Config, evaluate, train
 from parallel_nn.serve import loopback, make_server
 
@@ -664,6 +664,30 @@ def test_a_deleted_run_s_stream_says_gone_and_ends(own_server, tmp_path):
             assert time.monotonic() < deadline
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("when", ["between polls", "while its files are read"])
+def test_a_stream_whose_run_is_swapped_for_a_link_says_gone_and_ends(tmp_path, monkeypatch, when):
+    """A fresh request for the name is a 404 (a symlinked run is not served): an open stream must not
+    go on with the linked folder's lines either."""
+    run = synthetic_run(tmp_path / "runs" / "r", 3)
+    outside = synthetic_run(tmp_path / "outside", 7, t0=5000)
+
+    def swap():
+        run.rename(tmp_path / "moved")
+        run.symlink_to(outside)
+
+    stream = api.event_stream(run, 0, threading.Event(), lambda: False)  # polled by hand: no race with a thread
+    assert next(stream).startswith("retry:")
+    first = next(stream)
+    assert '"state": "stopped"' in first and first.count("event: step") == 3
+    if when == "between polls":
+        swap()
+    else:
+        real_new_content = api.RunWatch.new_content
+        monkeypatch.setattr(api.RunWatch, "new_content", lambda watch: swap() or real_new_content(watch))
+    assert next(stream) == api.sse("state", {"state": "gone"})
+    assert next(stream, None) is None  # the stream ended
 
 
 def test_a_run_that_died_before_its_first_epoch_is_stopped_not_new(own_server, tmp_path):
