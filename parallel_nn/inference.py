@@ -9,11 +9,15 @@ set's predictions by those and the data folder.
 
 from __future__ import annotations
 
+import errno
+import gzip
+import io
 import json
 import math
 import os
 import stat
 import threading
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -81,7 +85,9 @@ def predict(model: Model, pixels: list[int]) -> dict:
 
 class Cache:
     """Weights per file and test-set predictions per (weights, data folder), recomputed only when a
-    file changes. Thread-safe: a computation in progress is waited for, not repeated."""
+    file changes. Thread-safe. Files are read with no lock held, so a file slow to read holds up
+    only the requests that need it (two of them may read it at once); the test set's predictions,
+    a computation in progress, are waited for, not repeated."""
 
     KEEP = 8  # weights, and test-set predictions, of this many weights files are kept
 
@@ -106,18 +112,27 @@ class Cache:
                 for name in ("weights.json", "checkpoint.json"):
                     self.models.pop(run / name, None)
             raise UserError(NO_WEIGHTS)
+        try:
+            stamp = (path, *self.stamp(path))
+        except OSError:
+            with self.lock:  # the entry of a deleted run goes with it
+                self.models.pop(path, None)
+            raise UserError(NO_WEIGHTS) from None
+        return self.cached(self.models, path, stamp, lambda: load_weights(path))
+
+    def cached(self, table: OrderedDict, key, stamp: tuple, load) -> tuple:
+        """(stamp, value): table's entry for `key` if it has this stamp, else (stamp, load()) stored
+        there, the least recently used beyond KEEP dropped. load() runs with no lock held."""
         with self.lock:
-            cached = self.models.pop(path, None)
-            try:
-                stamp = (path, *self.stamp(path))
-            except OSError:
-                raise UserError(NO_WEIGHTS) from None  # the entry of a deleted run goes with it
-            if cached is None or cached[0] != stamp:
-                cached = (stamp, load_weights(path))
-            self.models[path] = cached
-            while len(self.models) > self.KEEP:
-                self.models.popitem(last=False)
-            return cached
+            entry = table.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = (stamp, load())
+        with self.lock:
+            table.pop(key, None)
+            table[key] = entry
+            while len(table) > self.KEEP:
+                table.popitem(last=False)
+        return entry
 
     def model(self, run: Path) -> Model:
         return self.weights(run)[1]
@@ -131,16 +146,9 @@ class Cache:
         if folder is None:
             raise UserError(f"{folders[0]} has no t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz) as regular "
                             f"files: run `make datasets`, or give serve the --data-dir that holds them")
-        with self.lock:
-            names = [folder / f"t10k-{kind}-ubyte{gz}" for kind in ("images-idx3", "labels-idx1") for gz in (".gz", "")]
-            stamp = (str(folder), *(self.stamp(p) if p.exists() else None for p in names))
-            cached = self.tests.pop(str(folder), None)
-            if cached is None or cached[0] != stamp:
-                cached = (stamp, mnist.load_split(folder, "t10k"))
-            self.tests[str(folder)] = cached
-            while len(self.tests) > self.KEEP:
-                self.tests.popitem(last=False)
-            return cached
+        names = [folder / f"t10k-{kind}-ubyte{gz}" for kind in ("images-idx3", "labels-idx1") for gz in (".gz", "")]
+        stamp = (str(folder), *(self.stamp(p) if p.exists() else None for p in names))
+        return self.cached(self.tests, str(folder), stamp, lambda: load_test_set(folder))
 
     def misclassified(self, run: Path, limit: int, trained_on: Optional[str] = None) -> dict:
         """The test digits the run's latest weights get wrong, the first `limit` with their pixels
@@ -178,3 +186,45 @@ def holds_test_set(folder: Path) -> bool:
         return False
 
     return all(chosen_is_regular(folder / f"t10k-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1"))
+
+
+def load_test_set(folder: Path) -> mnist.Split:
+    """The test split that mnist.load_split reads from `folder` (each file's .gz where there is one),
+    but read as a run's files are (steplog.read_limited): a file that is no longer a regular file
+    when it is opened (a FIFO put in place since holds_test_set looked) is refused, never waited on."""
+    (count, rows, cols), images = mnist.parse_idx(read_test_file(folder, "images-idx3"), 3, "t10k-images-idx3-ubyte")
+    (labeled,), labels = mnist.parse_idx(read_test_file(folder, "labels-idx1"), 1, "t10k-labels-idx1-ubyte")
+    if (rows, cols) != (mnist.SIDE, mnist.SIDE) or not count or labeled != count or max(labels) >= mnist.CLASSES:
+        raise UserError(f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte are not an MNIST test set ({count} "
+                        f"images of {rows}x{cols}, {labeled} labels): {mnist.FIX}")
+    return mnist.Split(images, labels, rows, cols)
+
+
+def read_test_file(folder: Path, kind: str) -> bytes:
+    """The content of t10k-{kind}-ubyte.gz (decompressed) or else t10k-{kind}-ubyte in `folder`; a
+    UserError naming the file by its name if it is not a regular file, cannot be read, or holds more
+    than any MNIST file (mnist.MAX_FILE_BYTES, decompressed: a gzip bomb stops there)."""
+    name = f"t10k-{kind}-ubyte"
+    for path in (folder / f"{name}.gz", folder / name):
+        try:
+            data = read_limited(path, limit=mnist.MAX_FILE_BYTES)
+            return gunzip_limited(data, mnist.MAX_FILE_BYTES) if path.suffix == ".gz" else data
+        except FileNotFoundError:
+            continue  # as mnist.load_split: the plain file where there is no .gz
+        except (OSError, EOFError, zlib.error) as e:
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+            raise UserError(f"{path.name}: cannot read it ({reason}): {mnist.FIX}") from None
+    raise UserError(f"{name}.gz is missing: {mnist.FIX}")
+
+
+def gunzip_limited(data: bytes, limit: int) -> bytes:
+    """`data` decompressed, OSError if that is over `limit` bytes (read a MB at a time, never more)."""
+    parts, total = [], 0
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+        while total <= limit:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            total += len(chunk)
+    raise OSError(errno.EFBIG, f"it decompresses to more than {limit:,} bytes")

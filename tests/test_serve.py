@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_nn import api, mnist, steplog
+from parallel_nn import api, inference, mnist, steplog
 from parallel_nn.train import Config, evaluate, train
 from parallel_nn.serve import loopback, make_server
 
@@ -45,9 +45,9 @@ class Served:
     def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
-    def request(self, method: str, path: str, body=None, headers=None):
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 30):
         """(status, headers, the body parsed as JSON when it is JSON)."""
-        conn = self.connection()
+        conn = self.connection(timeout)
         try:
             data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
             conn.request(method, path, body=data, headers=headers or {})
@@ -308,6 +308,66 @@ def test_without_a_test_set_anywhere_misclassified_says_so_without_failing(runs,
         assert str(tmp_path) not in body["missing"]  # no server paths
     finally:
         server.stop()
+
+
+def release_fifos(folder: Path) -> None:
+    """Lets go of a thread blocked opening one of folder's FIFOs (the bug a test looks for)."""
+    for path in folder.iterdir():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader, or not a FIFO: none blocked
+            pass
+
+
+def test_a_test_set_that_turned_into_fifos_is_refused_not_waited_on(runs, page, tmp_path, monkeypatch):
+    """holds_test_set looks before the files are opened: FIFOs put in place in between were opened and
+    waited on, with the cache's lock held, so /filters and /predict of every run waited too."""
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte"):
+        os.mkfifo(tmp_path / name)
+    monkeypatch.setattr(inference, "holds_test_set", lambda folder: True)  # what it said a moment before
+    server = Served(runs, tmp_path, page)
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(server.request("GET", "/api/runs/done/misclassified",
+                                                                           timeout=10)))
+    try:
+        asking.start()
+        assert server.request("GET", "/api/runs/stopped/filters", timeout=10)[0] == 200
+        assert server.request("POST", "/api/runs/done/predict", {"pixels": [0] * 784}, timeout=10)[0] == 200
+        asking.join(timeout=15)
+        status, _, body = answers[0]
+        assert status == 200 and body["items"] == [] and "not a regular file" in body["missing"]
+        assert "t10k-images-idx3-ubyte.gz" in body["missing"] and str(tmp_path) not in body["missing"]
+    finally:
+        release_fifos(tmp_path)
+        server.stop()
+
+
+@pytest.mark.parametrize("slow", ["load_weights", "load_test_set"])
+def test_a_file_slow_to_read_holds_up_only_its_own_requests(runs, page, tiny_data, monkeypatch, slow):
+    """The cache read weights and test sets with its lock held: one slow read made every run wait."""
+    started, go_on = threading.Event(), threading.Event()
+    real = getattr(inference, slow)
+
+    def slowly(path):
+        if slow == "load_test_set" or path.parent.name == "done":
+            started.set()
+            go_on.wait(20)
+        return real(path)
+
+    monkeypatch.setattr(inference, slow, slowly)
+    server = Served(runs, tiny_data, page)
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(server.request("GET", "/api/runs/done/misclassified")))
+    try:
+        asking.start()
+        assert started.wait(10)
+        assert server.request("GET", "/api/runs/stopped/filters", timeout=10)[0] == 200
+        assert server.request("POST", "/api/runs/stopped/predict", {"pixels": [0] * 784}, timeout=10)[0] == 200
+    finally:
+        go_on.set()
+        asking.join(timeout=20)
+        server.stop()
+    assert answers[0][0] == 200 and answers[0][2]["total"] == 300 and "missing" not in answers[0][2]
 
 
 def test_trace_shows_the_last_traced_epoch(served):
