@@ -140,8 +140,9 @@ def latest_per_step(records: list[dict]) -> list[dict]:
 
 def open_regular(path: Path, inside: Optional[Path] = None):
     """`path` opened for reading (binary) if it is a regular file; OSError otherwise. A FIFO or a
-    device is refused without waiting on it (it is opened with O_NONBLOCK, then looked at), and with
-    `inside`, so is a file whose real path is not in that directory (a symlink out of a run)."""
+    device is refused without opening it (opening one can act: a writer let go, a tape rewound), or,
+    put in place between the look and the open, without waiting on it (O_NONBLOCK, then looked at
+    again); with `inside`, so is a file whose real path is not in that directory (a link out of a run)."""
     if inside is not None:
         real, base = os.path.realpath(path), os.path.realpath(inside)
         try:
@@ -150,7 +151,10 @@ def open_regular(path: Path, inside: Optional[Path] = None):
             outside = True
         if outside:
             raise OSError(errno.EACCES, "a link to outside the run directory")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")

@@ -824,6 +824,34 @@ def test_fifos_in_a_run_do_not_hang_the_server(own_server, tmp_path):
                 pass
 
 
+def test_a_fifo_or_a_device_is_not_even_opened(tmp_path, monkeypatch):
+    """Opening one can act (a FIFO's writer is let go, some devices act on open): it is refused
+    unopened. One put in place between that look and the open is opened without waiting, and refused."""
+    fifo, regular = tmp_path / "fifo", tmp_path / "regular"
+    os.mkfifo(fifo)
+    regular.write_bytes(b"{}")
+    opened = []
+    real_open, real_stat = os.open, os.stat
+
+    def recorded_open(path, *args, **kw):
+        opened.append(str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(steplog.os, "open", recorded_open)
+    for path in (fifo, Path(os.devnull)):
+        with pytest.raises(OSError, match="not a regular file"):
+            steplog.read_limited(path)
+    assert opened == []
+
+    def looked_at_before(path, *args, **kw):  # the FIFO was a regular file when it was looked at
+        return real_stat(regular if str(path) == str(fifo) else path, *args, **kw)
+
+    monkeypatch.setattr(steplog.os, "stat", looked_at_before)
+    with pytest.raises(OSError, match="not a regular file"):
+        steplog.read_limited(fifo)
+    assert opened == [str(fifo)]
+
+
 def test_json_files_over_the_limit_are_refused(served, monkeypatch):
     monkeypatch.setattr(steplog, "MAX_FILE_BYTES", 1000)
     served.server.cache.models.clear()  # read again, not the weights an earlier test had read
