@@ -40,8 +40,11 @@ class Exchange:
         self.sent = time.perf_counter()
         self.deadline, self.stopping = self.sent + self.engine.watchdog.limit(kind), False
         self.replies, self.answers = {}, 0  # the replies read so far; the broadcast's answers counted so far
+        if kind != "grad":  # before the work goes out: a signal to the group here always finds it undone
+            faults.point("evaluate")
         self.pending = self._broadcast(messages) if self.broadcast else self._dispatch(messages)
-        faults.point("dispatch" if kind == "grad" else "evaluate")
+        if kind == "grad":
+            faults.point("dispatch")
         own = self._own(messages if self.broadcast else messages[0])
         if meanwhile is not None:
             meanwhile()

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from parallel_nn import mnist
+from parallel_nn import faults, mnist
 from parallel_nn.__main__ import NURSERY
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
@@ -96,55 +96,24 @@ def test_a_killed_worker_is_replaced_and_the_step_redone(tiny_splits):
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
 
 
-KILLER = """
-import os, signal, sys, time
-import psutil
-parent = psutil.Process(int(sys.argv[1]))
-while True:
-    for child in parent.children():
-        try:
-            if child.pid != os.getpid() and "resource_tracker" not in " ".join(child.cmdline()):
-                child.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    time.sleep(0.01)
-"""
-
-
-class Killer:
-    """Keeps killing every child of this process: a worker that dies however often it is restarted.
-    A process of its own, not a thread here: the trainer computes a shard too, and a thread in its
-    process waits for the GIL between /proc reads for so long that a restarted worker can finish a step."""
-
-    def __init__(self):
-        self.proc = None
-
-    def is_alive(self) -> bool:
-        return self.proc is not None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", KILLER, str(os.getpid())])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def test_workers_that_keep_dying_stop_the_run_with_a_resumable_checkpoint(tiny_data, tmp_path):
+def test_workers_that_keep_dying_stop_the_run_with_a_resumable_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """From step 3 on, the worker is killed, and every worker started to replace it kills itself at
+    its first computation (a fault forked into it): a worker that dies however often it is restarted.
+    Deterministic: a killer polling from outside loses the race to a warm worker's 2 ms step."""
     before = shm_segments()
-    killer = Killer()
     base = dict(workers=2, epochs=1, batch_size=100, data_dir=str(tiny_data), quiet=True, start_method="fork")
 
     def start_killing(epoch, step):
-        if step == 3 and not killer.is_alive():
-            killer.start()
+        if step == 3 and faults.FAULT != "kill":
+            for name, value in (("PHASE", "compute"), ("FAULT", "kill"), ("AT", "1")):
+                monkeypatch.setattr(faults, name, value)  # what the workers forked from now on inherit
+            for child in psutil.Process().children():
+                if "resource_tracker" not in " ".join(child.cmdline()):  # the tracker is no worker
+                    child.kill()
 
-    try:
-        with pytest.raises(WorkerCrashed, match="gave up after 3 restarts"):
-            train(Config(run_dir=str(tmp_path / "crash"), **base), on_step=start_killing)
-    finally:
-        killer.stop()
+    with pytest.raises(WorkerCrashed, match="gave up after 3 restarts"):
+        train(Config(run_dir=str(tmp_path / "crash"), **base), on_step=start_killing)
+    monkeypatch.undo()
     assert shm_segments() <= before
     train(Config(**base), resume=str(tmp_path / "crash"))
     train(Config(run_dir=str(tmp_path / "straight"), **base))
@@ -238,7 +207,7 @@ def test_real_data_process_tree_memory_with_8_workers(real_data):
     workers and counted too."""
     script = f"""
 import os, psutil
-from parallel_nn import mnist
+from parallel_nn import faults, mnist
 from parallel_nn.__main__ import NURSERY
 from parallel_nn.network import he_init
 from parallel_nn.local import LocalEngine as Engine
