@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UserError, atomic
+from .mnist import CLASSES, PIXELS
 from .network import Model, parameter_count, unflatten
 
 WEIGHTS_FORMAT = "parallel_nn.weights/1"
@@ -33,6 +34,8 @@ def model_from_json(obj: Any, source: str) -> Model:
     sizes = obj.get("layer_sizes")
     if not (isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(s, int) and s > 0 for s in sizes)):
         raise bad("layer_sizes must be a list of at least two positive integers")
+    if sizes[0] != PIXELS or sizes[-1] != CLASSES:
+        raise bad(f"layer_sizes {sizes}: a network for MNIST takes {PIXELS} inputs and gives {CLASSES} outputs")
     layers = obj.get("layers")
     if not isinstance(layers, list) or len(layers) != len(sizes) - 1:
         raise bad(f"expected {len(sizes) - 1} layers for layer_sizes {sizes}")
@@ -59,6 +62,8 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"{path}: no such {what}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror})") from e
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (it holds bytes that are not UTF-8): not a {what}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -119,6 +124,8 @@ def _position_problem(obj: dict[str, Any]) -> str | None:
     if not (isinstance(partial, dict) and _number(partial.get("loss")) and _number(partial.get("seconds"))
             and _count(partial.get("correct")) and _count(partial.get("seen"))):
         return "partial must hold finite loss and seconds, and whole numbers correct and seen"
+    if partial["correct"] > partial["seen"] or (partial["seen"] == 0) != (obj["step"] == 0):
+        return f"partial: {partial['seen']} examples seen and {partial['correct']} correct cannot follow {obj['step']} steps"
     if not isinstance(obj.get("metrics", []), list):
         return "metrics must be a list"
     return None

@@ -21,20 +21,11 @@ from .backends import BACKENDS
 from .capabilities import START_METHODS
 from .local import REDUCERS
 from .progress import silence, write
-from .rundir import run_files
+from .rundir import refuse_links, run_files
 from .train import RUNS_ANYWHERE
 
 COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot", "serve")
 DEFAULT_DATA = "datasets/mnist"
-
-
-class Given(argparse.Action):
-    """Store the value and remember that it was given: on --resume, a setting not given keeps the
-    run's saved value, even when the given one equals the default."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
 def default_workers() -> int:
@@ -95,17 +86,36 @@ def layer_list(text: str) -> list[int]:
     return sizes
 
 
+BYTES_PER_PARAMETER = 128  # per process, measured ~130 on PyPy (the weights, gradients and optimizer state as lists of floats)
+
+
+def model_too_big(hidden: list[int], workers: int) -> Optional[str]:
+    """Why a network with these hidden layers would not fit in the memory available now, or None:
+    said up front, not after the system has run out of memory."""
+    from .mnist import CLASSES, PIXELS
+    from .network import layer_sizes, parameter_count
+
+    count = parameter_count(layer_sizes(PIXELS, hidden, CLASSES))
+    need = count * BYTES_PER_PARAMETER * workers
+    available = psutil.virtual_memory().available
+    if need <= available:
+        return None
+    return (f"--hidden {','.join(map(str, hidden))} makes a network of {count:,} parameters, which needs about "
+            f"{need / 2**30:,.1f} GiB with {workers} worker(s); {available / 2**30:,.1f} GiB is available: "
+            "choose smaller hidden layers or fewer workers")
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True, data_help: Optional[str] = None) -> None:
     if data:
-        p.add_argument("--data-dir", action=Given, default=DEFAULT_DATA, metavar="DIR",
+        p.add_argument("--data-dir", default=DEFAULT_DATA, metavar="DIR",
                        help=(data_help or "where the four MNIST IDX files are") + " (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
 def _engine_flags(p: argparse.ArgumentParser, workers_default) -> None:
-    p.add_argument("--workers", action=Given, type=positive_int, default=workers_default, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=workers_default, metavar="N",
                    help="worker processes; 1 still runs through the same engine (default: physical cores, here %d)" % default_workers())
-    p.add_argument("--start-method", action=Given, choices=START_METHODS, default=None,
+    p.add_argument("--start-method", choices=START_METHODS, default=None,
                    help="multiprocessing start method (default: the platform's)")
 
 
@@ -127,21 +137,21 @@ def train_parser() -> argparse.ArgumentParser:
 
 def _execution_flags(p: argparse.ArgumentParser) -> None:
     """Where and how the workers run: what --resume may change (train.RUNS_ANYWHERE)."""
-    p.add_argument("--backend", action=Given, choices=BACKENDS, default="local",
+    p.add_argument("--backend", choices=BACKENDS, default="local",
                    help="where the workers run: local processes sharing memory, or Ray actors on a cluster "
                         "(needs the extra: pip install -e '.[ray]'; default: %(default)s)")
-    p.add_argument("--ray-address", action=Given, default=None, metavar="ADDR",
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to join, e.g. 10.0.0.5:6379 (only with --backend ray; "
                         "default: $RAY_ADDRESS, else a private local Ray instance sized to --workers)")
     p.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write a timeline of the parent and every worker (Chrome trace events: open it in Perfetto "
                         "or chrome://tracing; `plot RUN_DIR` draws it) (default: off)")
-    p.add_argument("--worker-timeout", action=Given, type=positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--worker-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="a worker that does not answer within SECONDS is treated as dead: killed, replaced and the "
                         "step redone (default: 20x the slowest answer so far, at least 60 s)")
     p.add_argument("--trace-steps", type=positive_int, default=30, metavar="N",
                    help="steps traced at the start of each epoch, with --trace; evaluations are always traced (default: %(default)s)")
-    p.add_argument("--reduce", action=Given, choices=REDUCERS, default="parent",
+    p.add_argument("--reduce", choices=REDUCERS, default="parent",
                    help="who sums the workers' gradients: the parent; the workers, in parallel after a barrier; "
                         "or sharded: the workers, who then also apply the update to their own slice of the weights "
                         "(for many cores: the parent's work per step no longer grows with the model). The same "
@@ -239,8 +249,17 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
             args.epochs = args.epochs or 10
         if args.workers and args.workers > args.batch_size:
             parser.error(f"--workers {args.workers} is more than --batch-size {args.batch_size}: every worker needs at least one example per step")
+        if args.resume is None:
+            too_big = model_too_big(args.hidden, args.workers)
+            if too_big:
+                parser.error(too_big)
         if args.overwrite and args.resume:
             parser.error("--overwrite replaces a run and --resume continues one: choose one")
+        if args.run_dir or args.resume:
+            try:
+                refuse_links(args.resume or args.run_dir)
+            except UserError as e:
+                parser.error(str(e))
         if not args.resume and not args.overwrite and args.run_dir and run_files(args.run_dir):
             from .train import refusal
 
@@ -250,17 +269,33 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
         if args.backend == "ray" and args.reduce != "parent":
             parser.error(f"--reduce {args.reduce} is a shared-memory reduction of the local backend; on Ray the driver reduces")
         if args.resume:
-            # A resumed run computes what the saved one would have: only how it runs may change.
-            may_change = {"resume", "epochs", "debug", "overwrite", "given", *RUNS_ANYWHERE}
-            changed = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
-                       if dest not in may_change and value != parser.get_default(dest)]
-            if changed:
-                allowed = ", ".join(f"--{key.replace('_', '-')}" for key in ("epochs", *RUNS_ANYWHERE))
-                parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "
-                             f"(allowed: {allowed})")
-            # what was not given keeps the saved run's value (train.SAVED_ON_RESUME)
-            args.given = getattr(args, "given", set())
+            refuse_fixed_settings(parser, args, given_flags(parser, rest))
     return command, args
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The settings `argv` names, whatever their values (a value equal to the default included),
+    found by parsing it again with no defaults (abbreviated flags are argparse's to resolve)."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults:
+            action.default = default
+
+
+def refuse_fixed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
+    """--resume: a resumed run computes what the saved one would have, so only how it runs may
+    change; a setting that fixes what it computes is refused even when given its default value."""
+    may_change = {"resume", "epochs", "debug", "overwrite", *RUNS_ANYWHERE}
+    changed = [f"--{dest.replace('_', '-')}" for dest in sorted(given - may_change)]
+    if changed:
+        allowed = ", ".join(f"--{key.replace('_', '-')}" for key in ("epochs", *RUNS_ANYWHERE))
+        parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "
+                     f"(allowed: {allowed})")
+    args.given = given & set(RUNS_ANYWHERE)  # what was not given keeps the saved run's value (train.SAVED_ON_RESUME)
 
 
 def run_train(args: argparse.Namespace) -> int:

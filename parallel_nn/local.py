@@ -52,7 +52,8 @@ from .exchange import Exchange
 from .mailbox import EVAL, GRAD, STEP, STOP, Bell, Mailbox, encode, encode_batch
 from .worker import STATE_SLOTS, Shard, Shared, lanes_bytes, slot_views, worker_main
 
-REDUCERS = ("parent", "workers", "sharded") if SELECT_PIPES else ("parent",)  # capabilities.py
+ALL_REDUCERS = ("parent", "workers", "sharded")
+REDUCERS = ALL_REDUCERS if SELECT_PIPES else ("parent",)  # capabilities.py
 MAX_RESTARTS = 3  # attempts at one step before a worker that keeps dying ends the run
 
 

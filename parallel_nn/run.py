@@ -61,7 +61,11 @@ class Run:
         self.epoch, self.step, self.partial, self.history = 0, 0, fresh_sums(), []
         self.resumed = checkpoint is not None
         if checkpoint:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            try:
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
+            except ValueError as e:
+                raise UserError(f"{run_dir / 'checkpoint.json'}: {e} for its optimizer {config.optimizer} "
+                                "(corrupt or edited checkpoint)") from None
             self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
             self.partial, self.history = checkpoint["partial"], checkpoint.get("metrics", [])
         self.steps_per_epoch = -(-self.train_count // config.batch_size)

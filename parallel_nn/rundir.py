@@ -9,10 +9,14 @@
   locks: a reader that asks takes the byte and lets it go). The kernel drops the lock when the
   process exits however it dies, so a crash or SIGKILL leaves nothing that blocks `--resume`; the
   file keeps the holder's pid only to name it in the refusal.
+- A run directory's own files are never symbolic links: a link would have the trainer write (the
+  lock's pid, step lines) wherever it points, outside the run. A run that finds one refuses to
+  start, naming it; the files it appends to are opened without following a link.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -34,9 +38,35 @@ LOCK_BYTE = 1 << 20  # msvcrt: the byte locked, past the pid (a locked range can
 
 
 def run_files(directory: str | Path) -> list[str]:
-    """The run files already in `directory` (none if it does not exist)."""
+    """The run files already in `directory` (none if it does not exist); a link counts, dangling or not."""
     directory = Path(directory)
-    return [name for name in RUN_FILES if (directory / name).exists()]
+    return [name for name in RUN_FILES if os.path.lexists(directory / name)]
+
+
+def refuse_links(directory: str | Path) -> None:
+    """UserError naming the first of the run's files (or its lock) that is a symbolic link."""
+    for name in (LOCK_NAME, *RUN_FILES):
+        if os.path.islink(Path(directory) / name):
+            raise _link_refused(Path(directory) / name)
+
+
+def _link_refused(path: Path) -> UserError:
+    return UserError(f"{path} is a symbolic link; a run directory's files are never links (the trainer would "
+                     "write where it points, outside the run): remove it, or use another --run-dir")
+
+
+def open_file(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """os.open of one of a run's files, never through a symbolic link (O_NOFOLLOW where the system
+    has it, else a look first): a link is a UserError that names it."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if not nofollow and os.path.islink(path):
+        raise _link_refused(Path(path))
+    try:
+        return os.open(path, flags | nofollow, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP and os.path.islink(path):
+            raise _link_refused(Path(path)) from None
+        raise
 
 
 def create_default(base: str | Path = "runs") -> Path:
@@ -86,7 +116,7 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise UserError(f"cannot use {self.path.parent} as a run directory: {e.strerror or e}; "
                             "choose a writable --run-dir") from None
@@ -128,7 +158,7 @@ def holder(run_dir: str | Path) -> Optional[int]:
     path = Path(run_dir) / LOCK_NAME
     if not path.exists():
         return None
-    fd = os.open(path, os.O_RDONLY if fcntl is not None else os.O_RDWR)
+    fd = open_file(path, os.O_RDONLY if fcntl is not None else os.O_RDWR)
     try:
         if _lock(fd, exclusive=False):
             _unlock(fd)
@@ -177,14 +207,18 @@ def running(run_dir: str | Path) -> bool:
     would take for another trainer: so it is asked only when the pid in the lock file is alive (a
     trainer that has exited leaves its pid there; one that is starting has written none yet)."""
     try:
-        text = (Path(run_dir) / LOCK_NAME).read_text(errors="replace").strip()
-    except OSError:
+        fd = open_file(Path(run_dir) / LOCK_NAME, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            text = os.read(fd, 64).decode(errors="replace").strip()  # a pid; never a whole file
+        finally:
+            os.close(fd)
+    except (OSError, UserError):
         return False
     if text.isdigit() and not psutil.pid_exists(int(text)):  # not os.kill(pid, 0): on Windows that is a Ctrl-C
         return False
     try:
         return holder(run_dir) is not None
-    except OSError:
+    except (OSError, UserError):
         return False
 
 

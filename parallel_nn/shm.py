@@ -21,10 +21,13 @@ multiprocessing's own fd-passing under spawn and forkserver (the way it passes a
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import secrets
 from typing import Optional
+
+from . import UserError
 
 try:
     import _posixshmem  # CPython's and PyPy's shm_open / shm_unlink, where POSIX has them
@@ -87,10 +90,22 @@ def _anonymous(size: int) -> int:
             raise OSError("could not create a shared memory segment (100 names taken)")
     try:
         os.ftruncate(fd, size)
-    except OSError:
+    except OSError as e:
         os.close(fd)
+        if e.errno == errno.EFBIG:  # shared memory counts as a file: RLIMIT_FSIZE (`ulimit -f`) applies
+            raise UserError(f"cannot make {size:,} bytes of shared memory: it is larger than the file size limit "
+                            f"of this shell (ulimit -f {_file_size_limit()}); raise it with `ulimit -f unlimited`") from None
         raise
     return fd
+
+
+def _file_size_limit() -> str:
+    try:
+        import resource
+    except ImportError:
+        return "?"
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft // 1024)  # in the shell's 1024-byte blocks
 
 
 class SegmentHandle:

@@ -31,11 +31,16 @@ import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import UserError, atomic
+from . import UserError, atomic, rundir
 from .events import Listener, StepDone
 
 PROGRESS_NAME = "progress.jsonl"
 MAX_FILE_BYTES = 256 * 1024 * 1024  # the most a reader of a run's JSON files takes in (weights.json is ~1 MB)
+
+
+def open_append(path: Path):
+    """progress.jsonl, to append to: never through a symbolic link (rundir.open_file)."""
+    return os.fdopen(rundir.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
 
 
 class StepLog(Listener):
@@ -49,9 +54,10 @@ class StepLog(Listener):
     def started(self, run) -> None:
         path = Path(run.run_dir) / PROGRESS_NAME
         try:
+            rundir.refuse_links(run.run_dir)
             if path.exists():
                 cut_back(path, run.epoch * run.steps_per_epoch + run.step)
-            self.file = open(path, "a", encoding="utf-8")
+            self.file = open_append(path)
         except (OSError, UserError) as e:
             self.give_up(path, e)
 

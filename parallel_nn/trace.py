@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Optional
@@ -154,6 +155,42 @@ def symmetric_offset(sent_ns: int, received_ns: int, held_ns: int, worker_start_
     transport = max(0, received_ns - sent_ns - held_ns)
     start_on_parent = sent_ns + transport // 2
     return start_on_parent - worker_start_ns, transport / 2000
+
+
+TRACE_START = b'{"traceEvents": '  # how every trace this module writes begins
+
+
+def check_target(path: str | Path, run_dir: Path, data_dir: str, init: Optional[str] = None) -> None:
+    """Refuse a --trace path whose file is not a trace to replace: one of a run's files (by its
+    name, in any directory), a file in the data directory, the --init weights, or any existing file
+    that is not a trace. Checked before anything is written: the trace is written there at once."""
+    from .rundir import LOCK_NAME, RUN_FILES
+
+    path = Path(path)
+    real = os.path.realpath(path)
+    data = os.path.realpath(data_dir)
+    if path.name in (*RUN_FILES, LOCK_NAME):
+        why = "that is a run's own file"
+    elif os.path.commonpath([real, data]) == data:
+        why = f"that is in the data directory {data_dir}"
+    elif init and real == os.path.realpath(init):
+        why = "that is the --init weights"
+    elif os.path.lexists(path) and not _is_trace(path):
+        why = "that file exists and is not a trace"
+    else:
+        return
+    raise UserError(f"--trace {path}: {why}, which the trace would replace; choose another file, e.g. {run_dir / 'trace.json'}")
+
+
+def _is_trace(path: Path) -> bool:
+    """An existing trace, or an empty regular file (never opened if it is not a regular file: a FIFO would block)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size == 0 or f.read(len(TRACE_START)) == TRACE_START
+    except OSError:
+        return False
 
 
 def optional(path: Optional[str], steps: int):

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import UserError, atomic, faults, mnist, rundir, trace
-from .capabilities import STOP_SIGNALS
-from .backends import create_engine
+from .capabilities import START_METHODS, STOP_SIGNALS
+from .backends import BACKENDS, create_engine
 from .checkpoint import load_checkpoint, load_model
 from .engine import Watchdog
 from .events import Listener, OnStep
 from .kernels import interpreter
+from .local import ALL_REDUCERS, REDUCERS
 from .network import Model, he_init, layer_sizes
 from .optim import DEFAULT_LR, SCHEDULES
 from .progress import Progress
@@ -89,6 +90,10 @@ class Config:
             "data_dir": isinstance(self.data_dir, str),
             "limit_train": self.limit_train is None or whole(self.limit_train, 1),
             "limit_test": self.limit_test is None or whole(self.limit_test, 1),
+            "reduce": self.reduce in ALL_REDUCERS, "backend": self.backend in BACKENDS,
+            "start_method": self.start_method in (None, "fork", "spawn", "forkserver"),
+            "worker_timeout": self.worker_timeout is None or (real(self.worker_timeout) and self.worker_timeout > 0),
+            "trace_steps": whole(self.trace_steps, 1),
         }
         bad = [key for key, ok in checks.items() if not ok]
         return f"{', '.join(bad)} out of range or of the wrong type" if bad else None
@@ -158,13 +163,20 @@ def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) 
     if resume:
         model, checkpoint = load_checkpoint(Path(resume) / "checkpoint.json")
         saved = Config.from_dict(checkpoint["config"])
-        problem = saved.problem()
-        if problem:
-            raise UserError(f"{Path(resume) / 'checkpoint.json'}: config: {problem} (corrupt or edited checkpoint)")
         for key in RUNS_ANYWHERE:
             if given is None or key in given or key not in SAVED_ON_RESUME:
                 setattr(saved, key, getattr(config, key))
+        problem = saved.problem()  # what the saved run brings, with what was given now
+        if problem:
+            raise UserError(f"{Path(resume) / 'checkpoint.json'}: config: {problem} (corrupt or edited checkpoint)")
+        missing = unavailable(saved)
+        if missing:
+            raise UserError(f"{resume} ran with {missing}, which this system does not offer; resume with another "
+                            f"(see --help)")
         saved.epochs = config.epochs or saved.epochs
+        if saved.workers and saved.workers > saved.batch_size:
+            raise UserError(f"--workers {saved.workers} is more than this run's --batch-size {saved.batch_size}: "
+                            "every worker needs at least one example per step")
         saved.run_dir = str(resume)
         saved.data_dir = os.path.abspath(saved.data_dir)
         if saved.backend == "ray" and saved.reduce != "parent":  # one from the saved run, one given now
@@ -181,6 +193,15 @@ def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) 
     else:
         model = Model(sizes, he_init(sizes, config.seed))
     return config, model, None
+
+
+def unavailable(config: Config) -> Optional[str]:
+    """The saved run's way of running that this system lacks (a run moved from Linux to Windows), or None."""
+    if config.reduce not in REDUCERS:
+        return f"--reduce {config.reduce}"
+    if config.start_method is not None and config.start_method not in START_METHODS:
+        return f"--start-method {config.start_method}"
+    return None
 
 
 def load_data(data_dir: str, resume: Optional[str]) -> tuple[mnist.Split, mnist.Split]:
@@ -212,6 +233,7 @@ def claimed(run_dir: Optional[str], resume: Optional[str], overwrite: bool):
         raise UserError(f"{resume} holds no checkpoint.json to resume from")
     made = not resume and not (run_dir and Path(run_dir).exists())
     path = Path(resume or run_dir) if (resume or run_dir) else rundir.create_default()
+    rundir.refuse_links(path)  # before the lock is taken: its file could be a link too
     lock = RunLock(path)
     had_lock_file = lock.path.exists()
     with lock:
@@ -249,6 +271,8 @@ def train(config: Config, resume: Optional[str] = None, on_step: Optional[Callab
         train_set, test_set, data_sha256 = run_data(config, checkpoint, resume)
         # an unwritable --trace path fails here, with nothing written
         config.trace = config.trace and os.path.abspath(config.trace)  # so `plot RUN_DIR` finds it from anywhere
+        if config.trace:
+            trace.check_target(config.trace, run_dir, config.data_dir, config.init)
         tracer = trace.optional(config.trace, config.trace_steps)
         engine = create_engine(config.backend, model.sizes, train_set, test_set, config.workers,
                                start_method=config.start_method, reduce=config.reduce, address=config.ray_address,

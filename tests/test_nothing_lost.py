@@ -386,6 +386,12 @@ def test_a_failed_overwrite_keeps_the_old_run(tiny_data, tmp_path):
     (lambda c: c.update(epoch="2"), "epoch and step must be whole numbers"),
     (lambda c: c["config"].update(batch_size="x"), "config: batch_size out of range"),
     (lambda c: c["optimizer"]["v"].__setitem__(0, "x"), "optimizer 'v' must be"),
+    (lambda c: c["config"].update(optimizer="adam"), "optimizer state lacks ['m', 's'] for its optimizer adam"),
+    (lambda c: c.update(optimizer={}), "optimizer state lacks ['t', 'v'] for its optimizer nesterov"),
+    (lambda c: c["config"].update(reduce="bogus"), "config: reduce out of range"),
+    (lambda c: c["config"].update(start_method="bogus"), "config: start_method out of range"),
+    (lambda c: c["config"].update(backend="bogus"), "config: backend out of range"),
+    (lambda c: c["partial"].update(seen=0, correct=0), "partial: 0 examples seen and 0 correct cannot follow 2 steps"),
 ])
 def test_an_edited_checkpoint_is_one_line_naming_the_file(edit, message, tiny_data, tmp_path):
     trainer = Trainer(tmp_path, tiny_data)
@@ -442,3 +448,80 @@ def test_a_sharded_run_resumed_on_ray_is_refused_in_one_line(tiny_data, tmp_path
                            "--backend", "ray"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "--reduce parent" in done.stderr
+
+
+# ---- found by a second review: nothing written outside the run, errors that name the file ----
+
+
+def test_a_link_among_a_run_directorys_files_is_refused_and_nothing_is_written_through_it(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the trainer's\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / rundir.LOCK_NAME).symlink_to(outside)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "progress.jsonl").symlink_to(tmp_path / "nowhere.jsonl")  # dangling
+    assert trainer.train(tmp_path / "done").returncode == 0
+    (tmp_path / "done" / "progress.jsonl").unlink()
+    (tmp_path / "done" / "progress.jsonl").symlink_to(outside)
+    for done in (trainer.train(tmp_path / "a"), trainer.train(tmp_path / "b"), trainer.train(tmp_path / "b", "--overwrite"),
+                 trainer.resume(tmp_path / "done", "--epochs", "4")):
+        assert done.returncode in (1, 2) and "is a symbolic link" in done.stderr.splitlines()[-1], done.stderr
+    assert outside.read_text() == "not the trainer's\n" and not (tmp_path / "nowhere.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [rundir.LOCK_NAME]
+
+
+def test_a_hidden_layer_too_big_for_the_memory_is_refused_up_front(tiny_data, tmp_path):
+    for hidden in ("99999999999", "100000,100000"):
+        done = Trainer(tmp_path, tiny_data).train(tmp_path / "run", "--hidden", hidden)
+        assert done.returncode == 2 and "GiB is available" in done.stderr.splitlines()[-1], done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_trace_is_never_written_over_a_run_file_the_data_or_a_file_that_is_not_a_trace(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "run", "--epochs", "1").returncode == 0
+    (tmp_path / "notes.json").write_text("[1, 2]\n")
+    targets = [tmp_path / "run" / "checkpoint.json", tmp_path / "run" / "weights.json", tmp_path / "notes.json",
+               next(Path(tiny_data).iterdir())]
+    before = {t: t.read_bytes() for t in targets}
+    for target in targets:
+        done = trainer.resume(tmp_path / "run", "--epochs", "2", "--trace", str(target))
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and "which the trace would replace" in done.stderr
+    assert {t: t.read_bytes() for t in targets} == before
+    assert trainer.resume(tmp_path / "run", "--epochs", "2", "--trace", str(tmp_path / "trace.json")).returncode == 0
+    again = trainer.train(tmp_path / "again", "--epochs", "1", "--trace", str(tmp_path / "trace.json"))  # a trace: replaced
+    assert again.returncode == 0, again.stderr
+
+
+def test_evaluate_on_a_file_that_is_not_weights_or_not_for_mnist_is_one_line(tiny_data, tmp_path):
+    (tmp_path / "random.json").write_bytes(bytes(range(256)) * 8)
+    save_model(tmp_path / "five.json", Model([784, 5], he_init([784, 5], 0)))
+    for name, message in (("random.json", "not a text file"), ("five.json", "gives 10 outputs")):
+        done = subprocess.run([sys.executable, "-m", "parallel_nn", "evaluate", str(tmp_path / name), "--data-dir",
+                               str(tiny_data), "--workers", "2"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert str(tmp_path / name) in done.stderr and message in done.stderr
+
+
+def test_a_file_size_limit_below_the_shared_memory_is_one_line_that_says_so(tiny_data, tmp_path):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100 * 1024, resource.RLIM_INFINITY))
+
+    done = subprocess.run([sys.executable, "-m", "parallel_nn", *ARGS, "--data-dir", str(tiny_data), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "ulimit -f 100" in done.stderr and "shared memory" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_fixed_setting_even_at_its_default_and_workers_beyond_the_batch(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    assert trainer.train(tmp_path / "run", "--epochs", "1").returncode == 0  # --batch-size 100
+    for flag, value in (("--hidden", "32,32"), ("--batch-size", "500"), ("--seed", "0")):  # each its default
+        done = trainer.resume(tmp_path / "run", "--epochs", "2", flag, value)
+        assert done.returncode == 2 and f"{flag} cannot change" in done.stderr, done.stderr
+    done = trainer.resume(tmp_path / "run", "--epochs", "2", "--workers", "101")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "--batch-size 100" in done.stderr, done.stderr

@@ -164,7 +164,7 @@ class FullDisk:
 
 
 def test_a_progress_file_that_cannot_be_written_does_not_stop_training(tiny_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(steplog, "open", FullDisk, raising=False)
+    monkeypatch.setattr(steplog, "open_append", lambda path: FullDisk(path, "a", encoding="utf-8"))
     history = train(tiny_config(tiny_data, tmp_path / "run"))
     assert [m["epoch"] for m in history] == [1, 2]
     assert len((tmp_path / "run" / "progress.jsonl").read_text().splitlines()) == 3
