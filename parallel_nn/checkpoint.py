@@ -14,6 +14,7 @@ from typing import Any
 from . import UserError, atomic
 from .mnist import CLASSES, PIXELS
 from .network import Model, parameter_count, unflatten
+from .steplog import open_regular
 
 WEIGHTS_FORMAT = "parallel_nn.weights/1"
 CHECKPOINT_FORMAT = "parallel_nn.checkpoint/1"
@@ -57,7 +58,8 @@ def model_from_json(obj: Any, source: str) -> Model:
 def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open_regular(path) as f:  # a FIFO would wait for ever, a device for ever read
+            text = f.read().decode()
     except FileNotFoundError:
         raise UserError(f"{path}: no such {what}") from None
     except OSError as e:
@@ -68,6 +70,8 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}): truncated or corrupt {what}") from e
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to be a {what}") from None
 
 
 def load_model(path: str | Path) -> Model:
@@ -128,6 +132,10 @@ def _position_problem(obj: dict[str, Any]) -> str | None:
         return f"partial: {partial['seen']} examples seen and {partial['correct']} correct cannot follow {obj['step']} steps"
     if not isinstance(obj.get("metrics", []), list):
         return "metrics must be a list"
+    digest = obj.get("data_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        return "data_sha256 must be 64 hexadecimal digits"
     return None
 
 

@@ -22,7 +22,7 @@ from .capabilities import START_METHODS
 from .local import REDUCERS
 from .progress import silence, write
 from .rundir import refuse_links, run_files
-from .train import RUNS_ANYWHERE
+from .train import RUNS_ANYWHERE, memory_problem
 
 COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot", "serve")
 DEFAULT_DATA = "datasets/mnist"
@@ -84,25 +84,6 @@ def layer_list(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"every hidden layer needs at least 1 unit, got {text!r}")
     return sizes
-
-
-BYTES_PER_PARAMETER = 128  # per process, measured ~130 on PyPy (the weights, gradients and optimizer state as lists of floats)
-
-
-def model_too_big(hidden: list[int], workers: int) -> Optional[str]:
-    """Why a network with these hidden layers would not fit in the memory available now, or None:
-    said up front, not after the system has run out of memory."""
-    from .mnist import CLASSES, PIXELS
-    from .network import layer_sizes, parameter_count
-
-    count = parameter_count(layer_sizes(PIXELS, hidden, CLASSES))
-    need = count * BYTES_PER_PARAMETER * workers
-    available = psutil.virtual_memory().available
-    if need <= available:
-        return None
-    return (f"--hidden {','.join(map(str, hidden))} makes a network of {count:,} parameters, which needs about "
-            f"{need / 2**30:,.1f} GiB with {workers} worker(s); {available / 2**30:,.1f} GiB is available: "
-            "choose smaller hidden layers or fewer workers")
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True, data_help: Optional[str] = None) -> None:
@@ -247,10 +228,10 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
         if args.resume is None:
             args.workers = args.workers or default_workers()
             args.epochs = args.epochs or 10
-        if args.workers and args.workers > args.batch_size:
+        if args.resume is None and args.workers > args.batch_size:  # on resume: against the saved batch (train.py)
             parser.error(f"--workers {args.workers} is more than --batch-size {args.batch_size}: every worker needs at least one example per step")
         if args.resume is None:
-            too_big = model_too_big(args.hidden, args.workers)
+            too_big = memory_problem(args.hidden, args.workers)
             if too_big:
                 parser.error(too_big)
         if args.overwrite and args.resume:
@@ -290,7 +271,8 @@ def refuse_fixed_settings(parser: argparse.ArgumentParser, args: argparse.Namesp
     """--resume: a resumed run computes what the saved one would have, so only how it runs may
     change; a setting that fixes what it computes is refused even when given its default value."""
     may_change = {"resume", "epochs", "debug", "overwrite", *RUNS_ANYWHERE}
-    changed = [f"--{dest.replace('_', '-')}" for dest in sorted(given - may_change)]
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    changed = [flags.get(dest, dest) for dest in sorted(given - may_change)]
     if changed:
         allowed = ", ".join(f"--{key.replace('_', '-')}" for key in ("epochs", *RUNS_ANYWHERE))
         parser.error(f"--resume continues with the run's saved settings; {', '.join(changed)} cannot change "

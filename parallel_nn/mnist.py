@@ -6,11 +6,14 @@ same images as Python floats would cost about 1.5 GB per process.
 
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import hashlib
 import math
+import os
 import random
+import stat
 import struct
 import tempfile
 import zlib
@@ -72,7 +75,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def _open(path: Path):
-    """The file's (decompressed, streamed) content as a binary file object: nothing is read yet."""
+    """The file's (decompressed, streamed) content as a binary file object: nothing is read yet.
+    Only a regular file is opened: a FIFO would wait for ever (and a signal would not end the wait)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 

@@ -59,12 +59,20 @@ class Optimizer:
         return dict(self.state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a saved state, or ValueError saying what in it cannot be this optimizer's."""
         missing = set(self.state) - set(state)
         if missing:
             raise ValueError(f"optimizer state lacks {sorted(missing)}")
         for key, value in self.state.items():
+            if isinstance(value, list) != isinstance(state[key], list):
+                raise ValueError(f"optimizer state {key!r} must be {'a list' if isinstance(value, list) else 'a number'}")
             if isinstance(value, list) and len(state[key]) != len(value):
                 raise ValueError(f"optimizer state {key!r} has {len(state[key])} values, expected {len(value)}")
+        t = state["t"]
+        if not (isinstance(t, int) and not isinstance(t, bool) and t >= 0):
+            raise ValueError(f"optimizer state 't' must be a whole number of steps >= 0, not {t!r}")
+        if "s" in state and any(not si >= 0 for si in state["s"]):  # Adam's mean of squares
+            raise ValueError("optimizer state 's' must hold no negative number")
         self.state = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Optional
@@ -57,16 +58,28 @@ def _link_refused(path: Path) -> UserError:
 
 def open_file(path: str | Path, flags: int, mode: int = 0o644) -> int:
     """os.open of one of a run's files, never through a symbolic link (O_NOFOLLOW where the system
-    has it, else a look first): a link is a UserError that names it."""
+    has it, else a look first), never waiting (O_NONBLOCK: a FIFO would block the open), and only
+    a regular file with no other name (a hard link would have the trainer write into a file
+    elsewhere): anything else is a UserError that names it."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     if not nofollow and os.path.islink(path):
         raise _link_refused(Path(path))
     try:
-        return os.open(path, flags | nofollow, mode)
+        fd = os.open(path, flags | nofollow | getattr(os, "O_NONBLOCK", 0), mode)
     except OSError as e:
         if e.errno == errno.ELOOP and os.path.islink(path):
             raise _link_refused(Path(path)) from None
+        if e.errno == errno.ENXIO:  # a FIFO with no reader, opened to write
+            raise UserError(f"{path} is not a regular file (a FIFO?): remove it") from None
         raise
+    info = os.fstat(fd)
+    problem = ("is not a regular file (a FIFO, a device or a directory)" if not stat.S_ISREG(info.st_mode) else
+               f"has {info.st_nlink} names (a hard link): the trainer would write into the other one too"
+               if info.st_nlink > 1 and flags & (os.O_WRONLY | os.O_RDWR) else None)
+    if problem:
+        os.close(fd)
+        raise UserError(f"{path} {problem}; remove it, or use another --run-dir")
+    return fd
 
 
 def create_default(base: str | Path = "runs") -> Path:

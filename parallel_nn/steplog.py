@@ -56,6 +56,8 @@ class StepLog(Listener):
         try:
             rundir.refuse_links(run.run_dir)
             if path.exists():
+                if os.stat(path).st_nlink > 1:  # a hard link (a snapshot's copy): a file of its own before appending
+                    atomic.write_bytes(path, read_limited(path))
                 cut_back(path, run.epoch * run.steps_per_epoch + run.step)
             self.file = open_append(path)
         except (OSError, UserError) as e:
@@ -100,7 +102,7 @@ class StepLog(Listener):
 def cut_back(path: Path, before: int) -> None:
     """Keep only the readable lines with i < `before` (a resumed run writes the rest again); a file
     that holds nothing else is left as it is."""
-    data = path.read_bytes()
+    data = read_limited(path)  # a regular file only: a FIFO would wait for ever
     lines = data.split(b"\n")
     records = parse_lines(lines)
     kept = [r for r in records if r["i"] < before]
@@ -149,6 +151,7 @@ def open_regular(path: Path, inside: Optional[Path] = None):
     device is refused without opening it (opening one can act: a writer let go, a tape rewound), or,
     put in place between the look and the open, without waiting on it (O_NONBLOCK, then looked at
     again); with `inside`, so is a file whose real path is not in that directory (a link out of a run)."""
+    flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     if inside is not None:
         real, base = os.path.realpath(path), os.path.realpath(inside)
         try:
@@ -157,9 +160,10 @@ def open_regular(path: Path, inside: Optional[Path] = None):
             outside = True
         if outside:
             raise OSError(errno.EACCES, "a link to outside the run directory")
+        # the path the check saw, opened without following a link: one swapped in since is refused
+        path, flags = real, flags | getattr(os, "O_NOFOLLOW", 0)
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(errno.EINVAL, "not a regular file")
-    flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(path, os.O_RDONLY | flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -178,7 +182,10 @@ def read_limited(path: Path, inside: Optional[Path] = None, limit: Optional[int]
     limit = MAX_FILE_BYTES if limit is None else limit
     parts, total = [], 0
     with open_regular(path, inside) as f:
-        want = min(os.fstat(f.fileno()).st_size, limit) + 1
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:  # said by its size: never read (and allocated) up to the limit first
+            raise OSError(errno.EFBIG, f"larger than the {limit:,} bytes this server reads")
+        want = size + 1
         while want > 0:
             chunk = f.read(want)
             parts.append(chunk)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import psutil
+
 from . import UserError, atomic, faults, mnist, rundir, trace
 from .capabilities import START_METHODS, STOP_SIGNALS
 from .backends import BACKENDS, create_engine
@@ -25,7 +27,7 @@ from .engine import Watchdog
 from .events import Listener, OnStep
 from .kernels import interpreter
 from .local import ALL_REDUCERS, REDUCERS
-from .network import Model, he_init, layer_sizes
+from .network import Model, he_init, layer_sizes, parameter_count
 from .optim import DEFAULT_LR, SCHEDULES
 from .progress import Progress
 from .rundir import RunLock
@@ -154,6 +156,25 @@ RUNS_ANYWHERE = ("workers", "start_method", "quiet", "reduce", "backend", "ray_a
 SAVED_ON_RESUME = ("workers", "start_method", "reduce", "backend", "ray_address", "worker_timeout", "data_dir")
 
 
+# Memory a network needs, per parameter: the trainer ~320 bytes at its peak (the weights, gradient
+# sums, optimizer state and checkpoint text, as lists of floats; measured 313 on PyPy and 368 on
+# CPython 3.13 with Adam), each further worker ~100.
+TRAINER_BYTES_PER_PARAMETER, WORKER_BYTES_PER_PARAMETER = 384, 128
+
+
+def memory_problem(hidden: list[int], workers: int) -> Optional[str]:
+    """Why a network with these hidden layers would not fit in the memory available now, or None:
+    said up front, not after the system has run out of memory."""
+    count = parameter_count(layer_sizes(mnist.PIXELS, hidden, mnist.CLASSES))
+    need = count * (TRAINER_BYTES_PER_PARAMETER + WORKER_BYTES_PER_PARAMETER * (workers - 1))
+    available = psutil.virtual_memory().available
+    if need <= available:
+        return None
+    return (f"--hidden {','.join(map(str, hidden))} makes a network of {count:,} parameters, which needs about "
+            f"{need / 2**30:,.1f} GiB with {workers} worker(s); {available / 2**30:,.1f} GiB is available: "
+            "choose smaller hidden layers or fewer workers")
+
+
 def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) -> tuple[Config, Model, Optional[dict]]:
     """Resolve a fresh run or a resumed one into (config, starting model, checkpoint or None).
 
@@ -161,28 +182,7 @@ def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) 
     keep their saved values (None: every run-anywhere setting comes from `config`, the API's way).
     """
     if resume:
-        model, checkpoint = load_checkpoint(Path(resume) / "checkpoint.json")
-        saved = Config.from_dict(checkpoint["config"])
-        for key in RUNS_ANYWHERE:
-            if given is None or key in given or key not in SAVED_ON_RESUME:
-                setattr(saved, key, getattr(config, key))
-        problem = saved.problem()  # what the saved run brings, with what was given now
-        if problem:
-            raise UserError(f"{Path(resume) / 'checkpoint.json'}: config: {problem} (corrupt or edited checkpoint)")
-        missing = unavailable(saved)
-        if missing:
-            raise UserError(f"{resume} ran with {missing}, which this system does not offer; resume with another "
-                            f"(see --help)")
-        saved.epochs = config.epochs or saved.epochs
-        if saved.workers and saved.workers > saved.batch_size:
-            raise UserError(f"--workers {saved.workers} is more than this run's --batch-size {saved.batch_size}: "
-                            "every worker needs at least one example per step")
-        saved.run_dir = str(resume)
-        saved.data_dir = os.path.abspath(saved.data_dir)
-        if saved.backend == "ray" and saved.reduce != "parent":  # one from the saved run, one given now
-            raise UserError(f"--backend ray with --reduce {saved.reduce}: the workers' reductions are the local "
-                            f"backend's; resume with --backend local, or with --backend ray --reduce parent")
-        return saved, model, checkpoint
+        return prepare_resume(config, resume, given)
     config.data_dir = os.path.abspath(config.data_dir)  # so --resume works from any directory
     sizes = layer_sizes(mnist.PIXELS, config.hidden, mnist.CLASSES)
     if config.init:
@@ -195,13 +195,44 @@ def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) 
     return config, model, None
 
 
+def prepare_resume(config: Config, resume: str, given: Optional[set]) -> tuple[Config, Model, dict]:
+    path = Path(resume) / "checkpoint.json"
+    model, checkpoint = load_checkpoint(path)
+    saved = Config.from_dict(checkpoint["config"])
+    for key in RUNS_ANYWHERE:
+        if given is None or key in given or key not in SAVED_ON_RESUME:
+            setattr(saved, key, getattr(config, key))
+    problem = saved.problem()  # what the saved run brings, with what was given now
+    if not problem and layer_sizes(mnist.PIXELS, saved.hidden, mnist.CLASSES) != model.sizes:
+        problem = f"hidden {saved.hidden} but weights of layer sizes {model.sizes}"
+    if not problem and saved.workers > saved.batch_size and given is not None and "workers" not in given:
+        problem = f"workers {saved.workers} is more than its batch_size {saved.batch_size}"
+    if problem:
+        raise UserError(f"{path}: config: {problem} (corrupt or edited checkpoint)")
+    if saved.workers > saved.batch_size:
+        raise UserError(f"--workers {saved.workers} is more than this run's --batch-size {saved.batch_size}: "
+                        "every worker needs at least one example per step")
+    refusal = unavailable(saved) or memory_problem(saved.hidden, saved.workers)
+    if refusal:
+        raise UserError(f"{resume}: {refusal}")
+    saved.epochs = config.epochs or saved.epochs
+    saved.run_dir = str(resume)
+    saved.data_dir = os.path.abspath(saved.data_dir)
+    if saved.backend == "ray" and saved.reduce != "parent":  # one from the saved run, one given now
+        raise UserError(f"--backend ray with --reduce {saved.reduce}: the workers' reductions are the local "
+                        f"backend's; resume with --backend local, or with --backend ray --reduce parent")
+    return saved, model, checkpoint
+
+
 def unavailable(config: Config) -> Optional[str]:
     """The saved run's way of running that this system lacks (a run moved from Linux to Windows), or None."""
     if config.reduce not in REDUCERS:
-        return f"--reduce {config.reduce}"
-    if config.start_method is not None and config.start_method not in START_METHODS:
-        return f"--start-method {config.start_method}"
-    return None
+        what = f"--reduce {config.reduce}"
+    elif config.start_method is not None and config.start_method not in START_METHODS:
+        what = f"--start-method {config.start_method}"
+    else:
+        return None
+    return f"it ran with {what}, which this system does not offer; resume with another (see --help)"
 
 
 def load_data(data_dir: str, resume: Optional[str]) -> tuple[mnist.Split, mnist.Split]:

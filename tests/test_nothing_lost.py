@@ -392,6 +392,12 @@ def test_a_failed_overwrite_keeps_the_old_run(tiny_data, tmp_path):
     (lambda c: c["config"].update(start_method="bogus"), "config: start_method out of range"),
     (lambda c: c["config"].update(backend="bogus"), "config: backend out of range"),
     (lambda c: c["partial"].update(seen=0, correct=0), "partial: 0 examples seen and 0 correct cannot follow 2 steps"),
+    (lambda c: c["optimizer"].update(v=3.0), "optimizer state 'v' must be a list"),
+    (lambda c: c["optimizer"].update(t=[0.0] * len(c["optimizer"]["v"])), "optimizer state 't' must be a number"),
+    (lambda c: c["optimizer"].update(t=-1), "optimizer state 't' must be a whole number of steps"),
+    (lambda c: c["config"].update(hidden=[16]), "config: hidden [16] but weights of layer sizes [784, 32, 32, 10]"),
+    (lambda c: c["config"].update(workers=1000), "config: workers 1000 is more than its batch_size 100"),
+    (lambda c: c.update(data_sha256=5), "data_sha256 must be 64 hexadecimal digits"),
 ])
 def test_an_edited_checkpoint_is_one_line_naming_the_file(edit, message, tiny_data, tmp_path):
     trainer = Trainer(tmp_path, tiny_data)
@@ -520,8 +526,63 @@ def test_a_file_size_limit_below_the_shared_memory_is_one_line_that_says_so(tiny
 def test_resume_refuses_a_fixed_setting_even_at_its_default_and_workers_beyond_the_batch(tiny_data, tmp_path):
     trainer = Trainer(tmp_path, tiny_data)
     assert trainer.train(tmp_path / "run", "--epochs", "1").returncode == 0  # --batch-size 100
-    for flag, value in (("--hidden", "32,32"), ("--batch-size", "500"), ("--seed", "0")):  # each its default
-        done = trainer.resume(tmp_path / "run", "--epochs", "2", flag, value)
-        assert done.returncode == 2 and f"{flag} cannot change" in done.stderr, done.stderr
+    for flags in (["--hidden", "32,32"], ["--batch-size", "500"], ["--seed", "0"], ["--no-shuffle"]):  # all but the last their default
+        done = trainer.resume(tmp_path / "run", "--epochs", "2", *flags)
+        assert done.returncode == 2 and f"{flags[0]} cannot change" in done.stderr, done.stderr
     done = trainer.resume(tmp_path / "run", "--epochs", "2", "--workers", "101")
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "--batch-size 100" in done.stderr, done.stderr
+
+    from parallel_nn.cli import parse
+
+    parse(["--resume", str(tmp_path / "run"), "--workers", "600"])  # checked against the run's batch, not the default 500
+
+
+def test_hard_links_in_a_run_directory_write_nothing_into_the_other_name(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    (tmp_path / "new").mkdir()
+    os.link(outside, tmp_path / "new" / rundir.LOCK_NAME)
+    done = trainer.train(tmp_path / "new")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "has 2 names (a hard link)" in done.stderr
+    assert outside.read_text() == "keep me\n"
+    assert trainer.train(tmp_path / "run", "--epochs", "1").returncode == 0
+    (tmp_path / "copy").mkdir()  # a snapshot made of hard links (cp -al, rsync --link-dest), then resumed
+    for name in rundir.RUN_FILES:
+        os.link(tmp_path / "run" / name, tmp_path / "copy" / name)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in rundir.RUN_FILES}
+    done = trainer.resume(tmp_path / "copy", "--epochs", "2")
+    assert done.returncode == 0, done.stderr
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in rundir.RUN_FILES} == before
+    assert len((tmp_path / "copy" / "progress.jsonl").read_text().splitlines()) == 6  # 3 steps an epoch
+
+
+def test_fifos_where_the_trainer_reads_are_refused_not_waited_on(tiny_data, tmp_path):
+    trainer = Trainer(tmp_path, tiny_data)
+    os.mkfifo(tmp_path / "init.json")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    fifo_data = tmp_path / "fifo-data"
+    shutil.copytree(tiny_data, fifo_data)
+    first = sorted(fifo_data.iterdir())[0]
+    first.unlink()
+    os.mkfifo(first)
+    (tmp_path / "locked").mkdir()
+    os.mkfifo(tmp_path / "locked" / rundir.LOCK_NAME)
+    for done, message in ((trainer.train(tmp_path / "a", "--init", str(tmp_path / "init.json")), "init.json: cannot read it"),
+                          (trainer.run(*ARGS, "--data-dir", str(fifo_data), "--run-dir", str(tmp_path / "b"), timeout=60),
+                           first.name),
+                          (trainer.train(tmp_path / "locked"), "is not a regular file")):
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert trainer.train(tmp_path / "run", "--epochs", "1").returncode == 0
+    (tmp_path / "run" / "progress.jsonl").unlink()
+    os.mkfifo(tmp_path / "run" / "progress.jsonl")
+    done = trainer.resume(tmp_path / "run", "--epochs", "2")  # the step log gives up with a warning; training goes on
+    assert done.returncode == 0 and "progress.jsonl" in done.stderr, done.stderr
+
+
+def test_json_nested_too_deeply_is_one_line(tiny_data, tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 200_000)
+    done = subprocess.run([sys.executable, "-m", "parallel_nn", "evaluate", str(tmp_path / "deep.json"), "--data-dir",
+                           str(tiny_data)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "nested too deeply" in done.stderr, done.stderr

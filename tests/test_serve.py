@@ -900,7 +900,7 @@ def test_small_files_are_read_without_asking_for_the_limit(tmp_path, monkeypatch
     asked.clear()
     with pytest.raises(OSError, match="larger than the 1,000 bytes"):
         steplog.read_limited(tmp_path / "big.json", limit=1000)
-    assert asked == [1001]
+    assert asked == []  # its size says so: nothing read (a 300 MB metrics.jsonl made every request read 256 MB)
     (tmp_path / "growing.jsonl").write_bytes(b"1\n")  # a line comes between the open and the read
     asked.clear()
     grow.append(b"2\n" * 10)
@@ -909,6 +909,18 @@ def test_small_files_are_read_without_asking_for_the_limit(tmp_path, monkeypatch
     grow.append(b"3" * 2000)
     with pytest.raises(OSError, match="larger than the 1,000 bytes"):
         steplog.read_limited(tmp_path / "growing.jsonl", limit=1000)
+
+
+def test_a_link_swapped_in_after_the_check_is_not_opened(tmp_path, monkeypatch):
+    """open_regular checks where a run's file really is, then opens that path without following a
+    link: a file swapped for a link to outside between the two is refused, not read."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "outside.jsonl").write_text('{"i": 0, "loss": 999}\n')
+    (run / "progress.jsonl").symlink_to(tmp_path / "outside.jsonl")
+    monkeypatch.setattr(steplog.os.path, "realpath", lambda p: str(p))  # the check saw the run's own file
+    with pytest.raises(OSError):
+        steplog.read_limited(run / "progress.jsonl", run)
 
 
 @pytest.mark.parametrize("trace", [
