@@ -104,6 +104,14 @@ class Cache:
         info = os.stat(path)
         return info.st_mtime_ns, info.st_size
 
+    @classmethod
+    def stamp_or_none(cls, path: Path) -> Optional[tuple]:
+        """The stamp, or None for a file that is not there (deleted since it was looked for: no 500)."""
+        try:
+            return cls.stamp(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def weights(self, run: Path) -> tuple[tuple, Model]:
         """(path and stamp of the file, the run's latest weights); UserError if it has none yet."""
         path = weights_path(run)
@@ -147,7 +155,7 @@ class Cache:
             raise UserError(f"{folders[0]} has no t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz) as regular "
                             f"files: run `make datasets`, or give serve the --data-dir that holds them")
         names = [folder / f"t10k-{kind}-ubyte{gz}" for kind in ("images-idx3", "labels-idx1") for gz in (".gz", "")]
-        stamp = (str(folder), *(self.stamp(p) if p.exists() else None for p in names))
+        stamp = (str(folder), *map(self.stamp_or_none, names))
         return self.cached(self.tests, str(folder), stamp, lambda: load_test_set(folder))
 
     def misclassified(self, run: Path, limit: int, trained_on: Optional[str] = None) -> dict:

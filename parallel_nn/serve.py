@@ -143,6 +143,18 @@ class Handler(BaseHTTPRequestHandler):
             write(sys.stderr, f"serve: {self.command} {self.path[:200]}: {type(e).__name__}: {e}\n")
             self.send_json({"error": f"internal error: {type(e).__name__}"}, 500)
 
+    def parse_request(self) -> bool:
+        """The standard library's, but an HTTP/0.9 request line (`GET /path`, no version) is a 400 at
+        once: served, it held the connection until the handler's timeout, waiting for headers."""
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) == 2:
+            self.command, self.path, self.request_version = words[0], words[1], "HTTP/0.9"
+            self.close_connection = True
+            self.send_error(400, "a request line needs an HTTP version (HTTP/0.9 is not served)")
+            return False
+        return super().parse_request()
+
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """What the standard library's handler refuses before a do_ method runs (a request line or
         headers it cannot read, a URI or headers too long, a method no do_ method answers), as JSON in

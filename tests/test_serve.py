@@ -1011,8 +1011,9 @@ def raw_request(server, data: bytes):
     (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % k for k in range(101)), 431),
     (b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
     (b"BREW /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+    (b"GET /api/runs\r\n", 400),  # HTTP/0.9: answered at once, not after the handler's 30 s wait for headers
 ], ids=["no version", "four words", "not HTTP", "HTTP/2.0", "URI too long", "header too long", "101 headers",
-        "TRACE", "BREW"])
+        "TRACE", "BREW", "HTTP/0.9"])
 def test_what_http_refuses_is_json_too(served, data, status):
     """The standard library's handler answered these with its HTML page (a request line it could not
     read with no status line at all), and a 501 without Allow."""
@@ -1098,3 +1099,22 @@ def test_listening_everywhere_prints_a_url_to_open(runs, tiny_data, monkeypatch,
         assert re.fullmatch(r"serving .+ at http://127\.0\.0\.1:\d+/ \(Ctrl-C stops; it listens on every address\)\n",
                             out), out
         assert "WARNING: listening on every address (0.0.0.0)" in err
+
+
+def test_a_test_set_file_deleted_after_it_was_found_is_no_500(tiny_data, tmp_path, monkeypatch):
+    """The cache stamps the files it found; one deleted just before its stamp is taken stamps as
+    absent (the load that follows says what is missing) instead of raising: a 500."""
+    from parallel_nn.inference import Cache
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    real = Cache.stamp
+
+    def deleted_first(path):
+        if path.exists() and "labels" in path.name:
+            path.unlink()
+        return real(path)
+
+    monkeypatch.setattr(Cache, "stamp", staticmethod(deleted_first))
+    with pytest.raises(inference.UserError):
+        Cache(str(data)).test_set()
