@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import select
+import signal
 import socket
 import socketserver
 import sys
@@ -321,6 +322,9 @@ def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0, data_d
 
 def serve(root: str, host: str, port: int, data_dir: str, verbose: bool = False) -> int:
     """The `serve` command: listen, say where, serve until Ctrl-C (exit 130)."""
+    # As the trainer does: SIGINT stops it even where it was started ignoring SIGINT (a script's
+    # background job), where CPython would otherwise keep the ignore and never stop on it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = make_server(root, host, port, data_dir, verbose=verbose)
     shown = root if root.endswith("/") else root + "/"
     if not Path(root).exists():
