@@ -578,9 +578,12 @@ def test_a_client_leaving_mid_stream_costs_nothing(served):
 
 # ---- the command ----
 
-def test_serve_prints_its_url_and_stops_on_ctrl_c(runs, tmp_path):
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_serve_prints_its_url_and_stops_on_ctrl_c(runs, tmp_path, sigint):
+    """Also when started ignoring SIGINT, as a script's background job is (CPython keeps that ignore)."""
     proc = subprocess.Popen([sys.executable, "-m", "parallel_nn", "serve", str(runs), "--port", "0"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     watchdog = threading.Timer(60, proc.kill)  # a server that never says where it is fails the test, not hangs it
     watchdog.start()
     try:
