@@ -115,7 +115,10 @@ def _count(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large to be a float (an edited 10**400)
+        return False
 
 
 def _position_problem(obj: dict[str, Any]) -> str | None:

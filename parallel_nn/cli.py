@@ -226,7 +226,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
     args = parser.parse_args(rest)
     if command == "train":
         if args.resume is None:
-            args.workers = args.workers or default_workers()
+            args.workers = args.workers or min(default_workers(), args.batch_size)  # the default fits any batch
             args.epochs = args.epochs or 10
         if args.resume is None and args.workers > args.batch_size:  # on resume: against the saved batch (train.py)
             parser.error(f"--workers {args.workers} is more than --batch-size {args.batch_size}: every worker needs at least one example per step")

@@ -131,8 +131,8 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = open_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
-            raise UserError(f"cannot use {self.path.parent} as a run directory: {e.strerror or e}; "
-                            "choose a writable --run-dir") from None
+            raise UserError(f"cannot use {self.path.parent} as a run directory ({e.filename or self.path}: "
+                            f"{e.strerror or e}); choose a writable --run-dir") from None
         if not _lock(fd, exclusive=True):
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)

@@ -145,11 +145,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json({"error": f"internal error: {type(e).__name__}"}, 500)
 
     def parse_request(self) -> bool:
-        """The standard library's, but an HTTP/0.9 request line (`GET /path`, no version) is a 400 at
-        once: served, it held the connection until the handler's timeout, waiting for headers."""
+        """The standard library's, but an HTTP/0.9 request line (`GET /path`, no version, or the
+        version said) is a 400 at once: served, it held the connection until the handler's timeout,
+        waiting for headers, and its answers had no status line."""
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
-        if len(words) == 2:
+        if len(words) == 2 or (len(words) == 3 and words[2] == "HTTP/0.9"):
             self.command, self.path, self.request_version = words[0], words[1], "HTTP/0.9"
             self.close_connection = True
             self.send_error(400, "a request line needs an HTTP version (HTTP/0.9 is not served)")

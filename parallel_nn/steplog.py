@@ -36,6 +36,7 @@ from .events import Listener, StepDone
 
 PROGRESS_NAME = "progress.jsonl"
 MAX_FILE_BYTES = 256 * 1024 * 1024  # the most a reader of a run's JSON files takes in (weights.json is ~1 MB)
+OWN_FILE_BYTES = 1 << 62  # the trainer reading back its own progress.jsonl: whatever its size (1.3 M steps are 256 MB)
 
 
 def open_append(path: Path):
@@ -57,7 +58,7 @@ class StepLog(Listener):
             rundir.refuse_links(run.run_dir)
             if path.exists():
                 if os.stat(path).st_nlink > 1:  # a hard link (a snapshot's copy): a file of its own before appending
-                    atomic.write_bytes(path, read_limited(path))
+                    atomic.write_bytes(path, read_limited(path, limit=OWN_FILE_BYTES))
                 cut_back(path, run.epoch * run.steps_per_epoch + run.step)
             self.file = open_append(path)
         except (OSError, UserError) as e:
@@ -102,7 +103,7 @@ class StepLog(Listener):
 def cut_back(path: Path, before: int) -> None:
     """Keep only the readable lines with i < `before` (a resumed run writes the rest again); a file
     that holds nothing else is left as it is."""
-    data = read_limited(path)  # a regular file only: a FIFO would wait for ever
+    data = read_limited(path, limit=OWN_FILE_BYTES)  # a regular file only: a FIFO would wait for ever
     lines = data.split(b"\n")
     records = parse_lines(lines)
     kept = [r for r in records if r["i"] < before]

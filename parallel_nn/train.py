@@ -162,7 +162,7 @@ SAVED_ON_RESUME = ("workers", "start_method", "reduce", "backend", "ray_address"
 TRAINER_BYTES_PER_PARAMETER, WORKER_BYTES_PER_PARAMETER = 384, 128
 
 
-def memory_problem(hidden: list[int], workers: int) -> Optional[str]:
+def memory_problem(hidden: list[int], workers: int, fix: str = "choose smaller hidden layers or fewer workers") -> Optional[str]:
     """Why a network with these hidden layers would not fit in the memory available now, or None:
     said up front, not after the system has run out of memory."""
     count = parameter_count(layer_sizes(mnist.PIXELS, hidden, mnist.CLASSES))
@@ -172,7 +172,7 @@ def memory_problem(hidden: list[int], workers: int) -> Optional[str]:
         return None
     return (f"--hidden {','.join(map(str, hidden))} makes a network of {count:,} parameters, which needs about "
             f"{need / 2**30:,.1f} GiB with {workers} worker(s); {available / 2**30:,.1f} GiB is available: "
-            "choose smaller hidden layers or fewer workers")
+            f"{fix}")
 
 
 def prepare(config: Config, resume: Optional[str], given: Optional[set] = None) -> tuple[Config, Model, Optional[dict]]:
@@ -212,7 +212,7 @@ def prepare_resume(config: Config, resume: str, given: Optional[set]) -> tuple[C
     if saved.workers > saved.batch_size:
         raise UserError(f"--workers {saved.workers} is more than this run's --batch-size {saved.batch_size}: "
                         "every worker needs at least one example per step")
-    refusal = unavailable(saved) or memory_problem(saved.hidden, saved.workers)
+    refusal = unavailable(saved) or memory_problem(saved.hidden, saved.workers, "resume with fewer --workers")
     if refusal:
         raise UserError(f"{resume}: {refusal}")
     saved.epochs = config.epochs or saved.epochs
@@ -261,6 +261,8 @@ def claimed(run_dir: Optional[str], resume: Optional[str], overwrite: bool):
     nothing behind: the lock file goes, and so does a directory made for this run.
     """
     if resume and not (Path(resume) / "checkpoint.json").is_file():
+        if os.path.lexists(Path(resume) / "checkpoint.json"):
+            raise UserError(f"{Path(resume) / 'checkpoint.json'} is not a regular file (a FIFO, a device or a directory)")
         raise UserError(f"{resume} holds no checkpoint.json to resume from")
     made = not resume and not (run_dir and Path(run_dir).exists())
     path = Path(resume or run_dir) if (resume or run_dir) else rundir.create_default()

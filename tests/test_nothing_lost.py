@@ -398,6 +398,7 @@ def test_a_failed_overwrite_keeps_the_old_run(tiny_data, tmp_path):
     (lambda c: c["config"].update(hidden=[16]), "config: hidden [16] but weights of layer sizes [784, 32, 32, 10]"),
     (lambda c: c["config"].update(workers=1000), "config: workers 1000 is more than its batch_size 100"),
     (lambda c: c.update(data_sha256=5), "data_sha256 must be 64 hexadecimal digits"),
+    (lambda c: c["optimizer"].update(t=10**400), "optimizer 't' must be a finite number"),
 ])
 def test_an_edited_checkpoint_is_one_line_naming_the_file(edit, message, tiny_data, tmp_path):
     trainer = Trainer(tmp_path, tiny_data)
@@ -535,7 +536,7 @@ def test_resume_refuses_a_fixed_setting_even_at_its_default_and_workers_beyond_t
     from parallel_nn.cli import parse
 
     parse(["--resume", str(tmp_path / "run"), "--workers", "600"])  # checked against the run's batch, not the default 500
-
+    assert parse(["--batch-size", "1"])[1].workers == 1  # the default worker count fits the batch given
 
 def test_hard_links_in_a_run_directory_write_nothing_into_the_other_name(tiny_data, tmp_path):
     trainer = Trainer(tmp_path, tiny_data)
@@ -569,6 +570,10 @@ def test_fifos_where_the_trainer_reads_are_refused_not_waited_on(tiny_data, tmp_
     os.mkfifo(first)
     (tmp_path / "locked").mkdir()
     os.mkfifo(tmp_path / "locked" / rundir.LOCK_NAME)
+    (tmp_path / "fifo-run").mkdir()
+    os.mkfifo(tmp_path / "fifo-run" / "checkpoint.json")
+    done = trainer.resume(tmp_path / "fifo-run")
+    assert done.returncode == 1 and "checkpoint.json is not a regular file" in done.stderr, done.stderr
     for done, message in ((trainer.train(tmp_path / "a", "--init", str(tmp_path / "init.json")), "init.json: cannot read it"),
                           (trainer.run(*ARGS, "--data-dir", str(fifo_data), "--run-dir", str(tmp_path / "b"), timeout=60),
                            first.name),
@@ -586,3 +591,14 @@ def test_json_nested_too_deeply_is_one_line(tiny_data, tmp_path):
     done = subprocess.run([sys.executable, "-m", "parallel_nn", "evaluate", str(tmp_path / "deep.json"), "--data-dir",
                            str(tiny_data)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "nested too deeply" in done.stderr, done.stderr
+
+
+def test_the_trainer_reads_back_its_own_progress_file_whatever_its_size(tmp_path, monkeypatch):
+    """A resume cuts progress.jsonl back to its checkpoint; the server's read limit is not the trainer's."""
+    from parallel_nn import steplog
+
+    path = tmp_path / "progress.jsonl"
+    path.write_text("".join(json.dumps({"i": i, "loss": 1.0}) + "\n" for i in range(100)))
+    monkeypatch.setattr(steplog, "MAX_FILE_BYTES", 100)  # far below the file
+    steplog.cut_back(path, 40)
+    assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == list(range(40))

@@ -1015,8 +1015,9 @@ def raw_request(server, data: bytes):
     (b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
     (b"BREW /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
     (b"GET /api/runs\r\n", 400),  # HTTP/0.9: answered at once, not after the handler's 30 s wait for headers
+    (b"GET /api/runs HTTP/0.9\r\n", 400),  # the same, its version said: answered with a status line, not a bare body
 ], ids=["no version", "four words", "not HTTP", "HTTP/2.0", "URI too long", "header too long", "101 headers",
-        "TRACE", "BREW", "HTTP/0.9"])
+        "TRACE", "BREW", "HTTP/0.9", "HTTP/0.9 said"])
 def test_what_http_refuses_is_json_too(served, data, status):
     """The standard library's handler answered these with its HTML page (a request line it could not
     read with no status line at all), and a 501 without Allow."""
