@@ -95,7 +95,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True, data_help: Optional[s
 
 def _engine_flags(p: argparse.ArgumentParser, workers_default) -> None:
     p.add_argument("--workers", type=positive_int, default=workers_default, metavar="N",
-                   help="worker processes; 1 still runs through the same engine (default: physical cores, here %d)" % default_workers())
+                   help="worker processes; 1 still runs through the same engine (default: physical cores, here %d, no more than the batch size)" % default_workers())
     p.add_argument("--start-method", choices=START_METHODS, default=None,
                    help="multiprocessing start method (default: the platform's)")
 
