@@ -9,15 +9,11 @@ set's predictions by those and the data folder.
 
 from __future__ import annotations
 
-import errno
-import gzip
-import io
 import json
 import math
 import os
 import stat
 import threading
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -197,42 +193,7 @@ def holds_test_set(folder: Path) -> bool:
 
 
 def load_test_set(folder: Path) -> mnist.Split:
-    """The test split that mnist.load_split reads from `folder` (each file's .gz where there is one),
-    but read as a run's files are (steplog.read_limited): a file that is no longer a regular file
-    when it is opened (a FIFO put in place since holds_test_set looked) is refused, never waited on."""
-    (count, rows, cols), images = mnist.parse_idx(read_test_file(folder, "images-idx3"), 3, "t10k-images-idx3-ubyte")
-    (labeled,), labels = mnist.parse_idx(read_test_file(folder, "labels-idx1"), 1, "t10k-labels-idx1-ubyte")
-    if (rows, cols) != (mnist.SIDE, mnist.SIDE) or not count or labeled != count or max(labels) >= mnist.CLASSES:
-        raise UserError(f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte are not an MNIST test set ({count} "
-                        f"images of {rows}x{cols}, {labeled} labels): {mnist.FIX}")
-    return mnist.Split(images, labels, rows, cols)
-
-
-def read_test_file(folder: Path, kind: str) -> bytes:
-    """The content of t10k-{kind}-ubyte.gz (decompressed) or else t10k-{kind}-ubyte in `folder`; a
-    UserError naming the file by its name if it is not a regular file, cannot be read, or holds more
-    than any MNIST file (mnist.MAX_FILE_BYTES, decompressed: a gzip bomb stops there)."""
-    name = f"t10k-{kind}-ubyte"
-    for path in (folder / f"{name}.gz", folder / name):
-        try:
-            data = read_limited(path, limit=mnist.MAX_FILE_BYTES)
-            return gunzip_limited(data, mnist.MAX_FILE_BYTES) if path.suffix == ".gz" else data
-        except FileNotFoundError:
-            continue  # as mnist.load_split: the plain file where there is no .gz
-        except (OSError, EOFError, zlib.error) as e:
-            reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
-            raise UserError(f"{path.name}: cannot read it ({reason}): {mnist.FIX}") from None
-    raise UserError(f"{name}.gz is missing: {mnist.FIX}")
-
-
-def gunzip_limited(data: bytes, limit: int) -> bytes:
-    """`data` decompressed, OSError if that is over `limit` bytes (read a MB at a time, never more)."""
-    parts, total = [], 0
-    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-        while total <= limit:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            total += len(chunk)
-    raise OSError(errno.EFBIG, f"it decompresses to more than {limit:,} bytes")
+    """The test split in `folder`, read as the trainer reads it (mnist.load_split: regular files
+    only, opened without waiting, so a file that became a FIFO since holds_test_set looked is
+    refused, never waited on; no more read than each file's header declares)."""
+    return mnist.load_split(folder, "t10k")

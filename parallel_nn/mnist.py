@@ -6,14 +6,12 @@ same images as Python floats would cost about 1.5 GB per process.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import functools
 import gzip
 import hashlib
 import math
-import os
 import random
-import stat
 import struct
 import tempfile
 import zlib
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import UserError, atomic
+from .steplog import open_regular
 from .kernels import KIND, sparse_rows
 from .tensor import SparseMatrix
 
@@ -74,12 +73,17 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+@contextlib.contextmanager
 def _open(path: Path):
     """The file's (decompressed, streamed) content as a binary file object: nothing is read yet.
-    Only a regular file is opened: a FIFO would wait for ever (and a signal would not end the wait)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file")
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    Only a regular file is opened, never waiting (steplog.open_regular): a FIFO would wait for ever,
+    and a signal would not end the wait."""
+    with open_regular(path) as raw:
+        if path.suffix != ".gz":
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            yield f
 
 
 def _read_up_to(f, n: int) -> bytes:

@@ -55,7 +55,6 @@ class StepLog(Listener):
     def started(self, run) -> None:
         path = Path(run.run_dir) / PROGRESS_NAME
         try:
-            rundir.refuse_links(run.run_dir)
             if path.exists():
                 if os.stat(path).st_nlink > 1:  # a hard link (a snapshot's copy): a file of its own before appending
                     atomic.write_bytes(path, read_limited(path, limit=OWN_FILE_BYTES))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from pathlib import Path
 from typing import Optional
@@ -183,11 +182,11 @@ def check_target(path: str | Path, run_dir: Path, data_dir: str, init: Optional[
 
 
 def _is_trace(path: Path) -> bool:
-    """An existing trace, or an empty regular file (never opened if it is not a regular file: a FIFO would block)."""
+    """An existing trace, or an empty file; never what is not a regular file (steplog.open_regular: a FIFO would block)."""
+    from .steplog import open_regular
+
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return False
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return os.fstat(f.fileno()).st_size == 0 or f.read(len(TRACE_START)) == TRACE_START
     except OSError:
         return False
