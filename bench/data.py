@@ -3,11 +3,8 @@ with MNIST's shape and sparsity (~19% non-zero pixels, in strokes), so the kerne
 
 from __future__ import annotations
 
-import os
-import platform
 import random
 import statistics
-import sys
 from pathlib import Path
 
 from parallel_nn import mnist
@@ -48,9 +45,7 @@ def report(lines: list[str], markdown: str | None) -> None:
 
 def as_the_trainer_runs(module: str) -> None:
     """Run this benchmark under the settings `python -m parallel_nn` gives itself: on PyPy, the
-    trainer's young generation (parallel_nn/__main__.py), by starting again with it if unset."""
-    from parallel_nn.__main__ import NURSERY
+    trainer's garbage collector settings (parallel_nn/__main__.py), by starting again with them."""
+    from parallel_nn.__main__ import start_with_pypy_settings
 
-    if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
-        os.environ["PYPY_GC_NURSERY"] = NURSERY
-        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+    start_with_pypy_settings(module)

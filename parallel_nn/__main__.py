@@ -9,14 +9,41 @@ import sys
 # by major collections, in the parent and in every worker. A larger one makes the step faster on
 # PyPy here, and the process tree bigger: 16 MB keeps the memory of 1 MB (32 MB, 5% faster still,
 # added ~300 MB at 2 workers and took 8 workers past the 1 GB bound; docs/speed.md, "Engine
-# efficiency"). PyPy reads the setting only when it starts, so the trainer sets it and starts
-# again (same pid, same terminal); workers inherit it. A value the user set is kept.
+# efficiency").
 NURSERY = "16MB"
 
+# PyPy before 7.3.16 (Debian 12 ships 7.3.11) has a bug in its incremental garbage collector: a
+# list copied while a major collection is marking can lose track of what it holds, and the
+# process dies of a segmentation fault, now and then, mostly in pytest's rewriting of a test
+# file's asserts (PyPy's fix: 7.3.16, "Fixing a Bug in PyPy's Incremental GC", 2024). Marking in
+# one step, as this setting makes it, never leaves a collection half-way while the program runs.
+# It costs the trainer nothing measurable here (docs/speed.md, "A crash of PyPy's collector").
+ONE_STEP_MARKING = "64GB"
+FIXED_COLLECTOR = (7, 3, 16)
+
+
+def pypy_settings(implementation: str = platform.python_implementation(),
+                  version: tuple = tuple(getattr(sys, "pypy_version_info", ())[:3])) -> dict[str, str]:
+    """The environment PyPy is run with here: PyPy reads it only when it starts."""
+    if implementation != "PyPy":
+        return {}
+    settings = {"PYPY_GC_NURSERY": NURSERY}
+    if version < FIXED_COLLECTOR:
+        settings["PYPY_GC_INCREMENT_STEP"] = ONE_STEP_MARKING
+    return settings
+
+
+def start_with_pypy_settings(module: str) -> None:
+    """Start `python -m module` again, same pid and terminal, with what `pypy_settings` adds to the
+    environment, unless it is there already; a value the user set is kept. Workers inherit it."""
+    missing = {name: value for name, value in pypy_settings().items() if name not in os.environ}
+    if missing:
+        os.environ.update(missing)
+        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
-    if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
-        os.environ["PYPY_GC_NURSERY"] = NURSERY
-        os.execv(sys.executable, [sys.executable, "-m", "parallel_nn", *sys.argv[1:]])
+    start_with_pypy_settings("parallel_nn")
     try:
         from .cli import main
     except KeyboardInterrupt:  # Ctrl-C while the program is still importing: nothing has started

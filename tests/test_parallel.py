@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from parallel_nn import faults, mnist
-from parallel_nn.__main__ import NURSERY
+from parallel_nn.__main__ import pypy_settings
 from parallel_nn.network import he_init
 from parallel_nn.optim import Optimizer
 from parallel_nn.engine import WorkerCrashed, shard
@@ -208,7 +208,6 @@ def test_real_data_process_tree_memory_with_8_workers(real_data):
     script = f"""
 import os, psutil
 from parallel_nn import faults, mnist
-from parallel_nn.__main__ import NURSERY
 from parallel_nn.network import he_init
 from parallel_nn.local import LocalEngine as Engine
 if __name__ == "__main__":
@@ -222,9 +221,7 @@ if __name__ == "__main__":
         engine.evaluate()
         print(sum(psutil.Process(p).memory_full_info().pss for p in [os.getpid(), *engine.worker_pids()]))
 """
-    env = dict(os.environ)
-    if platform.python_implementation() == "PyPy":
-        env.setdefault("PYPY_GC_NURSERY", NURSERY)
+    env = {**pypy_settings(), **os.environ}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     megabytes = int(done.stdout.split()[-1]) / 2**20
