@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import pickle
 import time
 from array import array
 from typing import Callable, Sequence
@@ -49,7 +48,7 @@ from .network import parameter_count
 from .optim import STATE_VECTORS
 from .shm import Segment
 from .exchange import Exchange
-from .mailbox import EVAL, GRAD, STEP, STOP, Bell, Mailbox, encode, encode_batch
+from .mailbox import EVAL, GRAD, STEP, STOP, Bell, Mailbox, decode_reply, encode, encode_batch
 from .worker import STATE_SLOTS, Shard, Shared, lanes_bytes, slot_views, worker_main
 
 ALL_REDUCERS = ("parent", "workers", "sharded")
@@ -245,7 +244,7 @@ class WorkerPool:
             payload = self.conns[k].recv_bytes()
         except (EOFError, OSError):  # its end of the pipe closed: it died
             raise self.death(k)
-        reply = pickle.loads(payload)
+        reply = decode_reply(payload)
         if reply[0] == "error":
             raise WorkerError(k, reply[1])
         return reply, len(payload)

@@ -22,7 +22,7 @@ from .kernels import floats
 from .lanes import Lanes, combine, magnitudes
 from .mnist import AUGMENT_BYTES
 from .network import parameter_count
-from .mailbox import EVAL, OK, ERROR, STEP, STOP, Mailbox, decode
+from .mailbox import EVAL, OK, ERROR, STEP, STOP, Mailbox, decode, encode_error, encode_reply
 from .optim import STATE_VECTORS, Optimizer
 from .tensor import LEVELS, lanes_for
 from .trace import Recorder
@@ -117,16 +117,16 @@ def serve(conn, bell, work: "Shard") -> None:
                 # which it reads from the pipe once it sees ERROR (a long one would fill the pipe).
                 work.shared.mailbox.answer(work.slot, number, ERROR)
                 bell.answer(ERROR)
-                conn.send(("error", traceback.format_exc()))
+                conn.send_bytes(encode_error(traceback.format_exc()))
         if conn.fileno() in ready:
             message = conn.recv_bytes()
             if message == STOP:
                 return
             try:
                 rec = Recorder(decode(message)[2])
-                conn.send(("ok", *work.run(message, rec), rec.spans))
+                conn.send_bytes(encode_reply(*work.run(message, rec), rec.spans))
             except Exception:
-                conn.send(("error", traceback.format_exc()))
+                conn.send_bytes(encode_error(traceback.format_exc()))
 
 
 class Shared:
