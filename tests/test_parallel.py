@@ -367,3 +367,35 @@ def test_a_long_worker_error_is_reported_at_once_in_broadcast_mode(tiny_splits, 
         with pytest.raises(WorkerError, match="RuntimeError: xxx"):
             engine.gradient(range(100))
         assert time.monotonic() - started < 10
+
+
+def test_a_worker_s_answer_is_packed_and_read_back_whole():
+    from parallel_nn.mailbox import decode_reply, encode_error, encode_reply
+    assert decode_reply(encode_reply(12.5, 431, [])) == ("ok", 12.5, 431, [])
+    predictions = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert decode_reply(encode_reply(3.25, predictions, [])) == ("ok", 3.25, predictions, [])
+    assert decode_reply(encode_reply(1.0, [], [])) == ("ok", 1.0, [], [])  # an empty share of an evaluation
+    spans = [("decode", 1_000, 2_000), ("forward", 2_000, 5_000)]
+    assert decode_reply(encode_reply(0.5, 3, spans)) == ("ok", 0.5, 3, spans)
+    assert decode_reply(encode_reply(0.5, predictions, spans)) == ("ok", 0.5, predictions, spans)
+    assert decode_reply(encode_error("Traceback: é\n")) == ("error", "Traceback: é\n")
+    assert len(encode_reply(12.5, 431, [])) < 40  # a step's answer, untraced: no pickle
+
+
+def test_the_trainer_s_poll_sees_what_wait_sees():
+    from multiprocessing import Pipe
+    from multiprocessing.connection import wait
+    from parallel_nn.exchange import readable
+    quiet, loud = Pipe()
+    reader, writer = os.pipe()
+    try:
+        assert readable([quiet, reader], 0.01) == [] == wait([quiet, reader], 0.01)
+        loud.send_bytes(b"x")
+        assert readable([quiet, reader], 0.01) == [quiet] == wait([quiet, reader], 0.01)
+        os.close(writer)  # a closed other end (a dead worker's sentinel) reads as ready
+        writer = None
+        assert set(readable([quiet, reader], 0.01)) == {quiet, reader} == set(wait([quiet, reader], 0.01))
+    finally:
+        os.close(reader)
+        if writer is not None:
+            os.close(writer)

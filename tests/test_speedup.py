@@ -51,3 +51,14 @@ def test_ray_rows_give_their_ratio_to_the_local_epoch(tiny_data, tmp_path):
             re.finditer(r"^\| (local|ray) \| (\d+) \|.*\| ([\d.]+) \([\d.]+-[\d.]+\) \|$", table.read_text(), re.M)}
     assert set(rows) == {("local", 1), ("local", 2), ("ray", 1), ("ray", 2)}
     assert rows["local", 1] == rows["local", 2] == 1.0 and rows["ray", 1] > 0 and rows["ray", 2] > 0
+
+
+def test_the_step_parts_add_up_to_no_more_than_the_step(tiny_data):
+    done = subprocess.run([sys.executable, "-m", "bench.step_parts", "--epochs", "2", "--data-dir", str(tiny_data)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {m[1]: float(m[2]) for m in re.finditer(r"^\| ([a-z ]+) \| ([\d.]+) \| [\d.]+ \|$", done.stdout, re.M)}
+    assert list(rows) == ["step", "dispatch", "own shard", "meanwhile", "collect", "reduce", "update", "events"]
+    assert rows["own shard"] > 0 and rows["step"] >= rows["own shard"] + rows["update"]
+    bad = subprocess.run([sys.executable, "-m", "bench.step_parts", "--workers", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--workers and --epochs must be at least 1" in bad.stderr
