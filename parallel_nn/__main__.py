@@ -33,13 +33,28 @@ def pypy_settings(implementation: str = platform.python_implementation(),
     return settings
 
 
+def interpreter_options() -> list[str]:
+    """The options this interpreter was started with that a new start must repeat (-W, -X, -O,
+    -B, -s, -E, -b: `python -X faulthandler -m parallel_nn` keeps its faulthandler)."""
+    flags = sys.flags
+    options = [f"-W{w}" for w in sys.warnoptions]
+    options += [f"-X{k}" if v is True else f"-X{k}={v}" for k, v in getattr(sys, "_xoptions", {}).items()]
+    options += ["-O"] * flags.optimize + ["-b"] * flags.bytes_warning
+    options += [flag for flag, on in (("-B", flags.dont_write_bytecode), ("-s", flags.no_user_site),
+                                      ("-E", flags.ignore_environment)) if on]
+    return options
+
+
 def start_with_pypy_settings(module: str) -> None:
     """Start `python -m module` again, same pid and terminal, with what `pypy_settings` adds to the
-    environment, unless it is there already; a value the user set is kept. Workers inherit it."""
+    environment, unless it is there already; a value the user set is kept. Workers inherit it.
+    PyPy reads its arguments as UTF-8 (undecodable bytes escaped) whatever the locale, so they are
+    handed back the same way: in a C locale, str arguments would not encode."""
     missing = {name: value for name, value in pypy_settings().items() if name not in os.environ}
     if missing:
         os.environ.update(missing)
-        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+        argv = [sys.executable, *interpreter_options(), "-m", module, *sys.argv[1:]]
+        os.execv(os.fsencode(sys.executable), [a.encode("utf-8", "surrogateescape") for a in argv])
 
 
 if __name__ == "__main__":

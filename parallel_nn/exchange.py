@@ -10,6 +10,7 @@ reduction the way it waits for replies: watching every worker's sentinel and the
 
 from __future__ import annotations
 
+import math
 import select
 import time
 from multiprocessing.connection import wait
@@ -36,7 +37,7 @@ def readable(objects: list, timeout: float) -> list:
         fd = o if isinstance(o, int) else o.fileno()
         by_fd[fd] = o
         poll.register(fd, select.POLLIN)
-    return [by_fd[fd] for fd, _ in poll.poll(timeout * 1000)]
+    return [by_fd[fd] for fd, _ in poll.poll(math.ceil(timeout * 1000))]  # ms, rounded up as wait() does (PyPy truncates)
 
 
 class Exchange:

@@ -390,6 +390,9 @@ def test_the_trainer_s_poll_sees_what_wait_sees():
     reader, writer = os.pipe()
     try:
         assert readable([quiet, reader], 0.01) == [] == wait([quiet, reader], 0.01)
+        started = time.perf_counter()
+        assert readable([quiet], 0.0004) == []  # under a millisecond still waits (PyPy's poll truncates)
+        assert time.perf_counter() - started >= 0.0004
         loud.send_bytes(b"x")
         assert readable([quiet, reader], 0.01) == [quiet] == wait([quiet, reader], 0.01)
         os.close(writer)  # a closed other end (a dead worker's sentinel) reads as ready

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_nn.__main__ import FIXED_COLLECTOR, NURSERY, ONE_STEP_MARKING, pypy_settings
+from parallel_nn.__main__ import FIXED_COLLECTOR, NURSERY, ONE_STEP_MARKING, interpreter_options, pypy_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("PYPY_GC_NURSERY", "PYPY_GC_INCREMENT_STEP")
@@ -41,6 +41,29 @@ def test_python_m_starts_again_with_them_and_keeps_the_user_s(user, tmp_path):
         assert done.stdout.split() == ["again", *(expected.get(name, "-") for name in NAMES)]
 
 
+@pytest.mark.parametrize("options", [[], ["-X", "faulthandler", "-W", "ignore", "-O"]])
+def test_a_start_again_keeps_the_arguments_in_a_c_locale_and_the_interpreter_s_options(options, tmp_path):
+    """PyPy reads arguments as UTF-8 whatever the locale; in a C locale its file system encoding is
+    ASCII, and a str argument outside it would not go back through execv."""
+    (tmp_path / "show_start.py").write_text(
+        "import sys\nprint(ascii(sys.argv[1:]), sorted(sys._xoptions), sys.warnoptions, sys.flags.optimize)\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    start = "from parallel_nn.__main__ import start_with_pypy_settings as start\nstart('show_start')\n"
+    arguments = ["snow \u2603", "--run-dir", "/tmp/ü", "b\udcffyte"]
+    done = subprocess.run([sys.executable, *options, "-c", start, *arguments], capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    if pypy_settings() == {}:
+        assert done.stdout == b""  # nothing to add here: not started again
+        return
+    expected = ([] if not options else ["faulthandler"]), ([] if not options else ["ignore"]), (1 if options else 0)
+    assert done.stdout.decode().split("\n")[0] == f"{ascii(arguments)} {expected[0]} {expected[1]} {expected[2]}"
+
+
+def test_the_interpreter_options_are_written_as_given():
+    assert set(interpreter_options()) <= {f"-W{w}" for w in sys.warnoptions} | {
+        f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()} | {"-O", "-b", "-B", "-s", "-E"}
+
+
 def test_make_and_ci_give_pytest_the_same_marking():
     setting = f"PYPY_GC_INCREMENT_STEP:-{ONE_STEP_MARKING}}}"
     makefile = (ROOT / "Makefile").read_text()
@@ -58,5 +81,5 @@ def test_the_crash_study_runs_and_says_what_it_needs():
         assert done.returncode == 1 and "needs PyPy" in done.stderr
         return
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| in ")]
-    assert len(rows) == 2 and all(row.split("|")[2].strip() == "1" for row in rows), done.stdout
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| in ")]
+    assert len(rows) == 2 and all(row[2].strip() == "1" and row[5].strip().endswith(" s") for row in rows), done.stdout
