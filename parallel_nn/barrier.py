@@ -16,9 +16,10 @@ parent is still alive, so a worker never waits for ever on a run that is gone.
 from __future__ import annotations
 
 import os
-import select
 from multiprocessing import reduction
 from typing import Callable
+
+from .capabilities import readable
 
 
 class PipeBarrier:
@@ -79,7 +80,7 @@ def close_all(fds: tuple) -> tuple:
 
 def _take(fd: int, count: int, alive: Callable[[], bool]) -> None:
     while count:
-        if not select.select([fd], [], [], 1.0)[0]:
+        if not readable([fd], 1.0):
             if not alive():
                 raise BrokenPipeError("the barrier's run is gone")
             continue

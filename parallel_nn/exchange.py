@@ -10,34 +10,17 @@ reduction the way it waits for replies: watching every worker's sentinel and the
 
 from __future__ import annotations
 
-import math
-import select
 import time
-from multiprocessing.connection import wait
 from typing import Callable
 
 from . import faults
-from .capabilities import SELECT_PIPES
+from .capabilities import readable
 from .engine import StopRequested, WorkerDied
 from .mailbox import ERROR, ROW
 from .trace import Recorder
 
 POLL = 0.25  # seconds between looks at the stop flag while waiting for the workers
 STOP_GRACE = 2.0  # seconds the step in flight may take to finish once a stop is requested
-
-
-def readable(objects: list, timeout: float) -> list:
-    """multiprocessing.connection.wait's answer (pipes and descriptors ready to read, or closed),
-    by one poll() where it takes any descriptor (POSIX): wait() builds a selector every call, which
-    on PyPy cost ~0.1 ms of the trainer's step, between its own shard and the reply it reads."""
-    if not SELECT_PIPES:
-        return wait(objects, timeout)
-    poll, by_fd = select.poll(), {}
-    for o in objects:
-        fd = o if isinstance(o, int) else o.fileno()
-        by_fd[fd] = o
-        poll.register(fd, select.POLLIN)
-    return [by_fd[fd] for fd, _ in poll.poll(math.ceil(timeout * 1000))]  # ms, rounded up as wait() does (PyPy truncates)
 
 
 class Exchange:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import select
 import traceback
 from array import array
-from multiprocessing.connection import wait
 
 import psutil
 
 from . import faults
-from .capabilities import SELECT_PIPES, TERMINAL_SIGNALS, unblock
+from .capabilities import TERMINAL_SIGNALS, readable, unblock
 from .engine import reduce_sums, shard, shard_gradient, shard_predictions, unpack_indices
 from .kernels import floats
 from .lanes import Lanes, combine, magnitudes
@@ -96,12 +94,9 @@ def worker_main(conn, spec: dict, slot: int, barrier=None, bell=None, lanes_barr
 def serve(conn, bell, work: "Shard") -> None:
     """Answer the parent's messages, on this worker's pipe or rung on the bell (mailbox.py), until
     it sends STOP or goes away."""
-    sources = [conn.fileno()] + ([bell.go] if bell is not None else [])
+    sources = [conn] + ([bell.go] if bell is not None else [])  # Windows: no bell (only the parent reduces)
     while True:
-        if SELECT_PIPES:
-            ready = select.select(sources, [], [], 1.0)[0]
-        else:  # Windows: select takes sockets only; no bell there (only the parent reduces)
-            ready = [conn.fileno()] if wait([conn], 1.0) else []
+        ready = readable(sources, 1.0)
         if not ready:
             if not work.parent_alive():
                 return
@@ -118,7 +113,7 @@ def serve(conn, bell, work: "Shard") -> None:
                 work.shared.mailbox.answer(work.slot, number, ERROR)
                 bell.answer(ERROR)
                 conn.send_bytes(encode_error(traceback.format_exc()))
-        if conn.fileno() in ready:
+        if conn in ready:
             message = conn.recv_bytes()
             if message == STOP:
                 return

@@ -385,7 +385,7 @@ def test_a_worker_s_answer_is_packed_and_read_back_whole():
 def test_the_trainer_s_poll_sees_what_wait_sees():
     from multiprocessing import Pipe
     from multiprocessing.connection import wait
-    from parallel_nn.exchange import readable
+    from parallel_nn.capabilities import readable
     quiet, loud = Pipe()
     reader, writer = os.pipe()
     try:
