@@ -41,13 +41,13 @@ import time
 import psutil
 
 from bench import data
-from parallel_nn import mnist
-from parallel_nn.engine import shard_gradient
+from parallel_nn.data import mnist
 from parallel_nn.kernels import interpreter
-from parallel_nn.local import REDUCERS, LocalEngine
-from parallel_nn.network import he_init
-from parallel_nn.optim import Optimizer
-from parallel_nn.update import make_update
+from parallel_nn.nn.network import he_init
+from parallel_nn.nn.optim import Optimizer
+from parallel_nn.parallel.local.pool import REDUCERS, LocalEngine
+from parallel_nn.parallel.shards import shard_gradient
+from parallel_nn.parallel.update import make_update
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500

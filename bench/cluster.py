@@ -30,10 +30,10 @@ from array import array
 
 from bench import data
 from bench.scaling import BATCH, shard_compute_seconds
-from parallel_nn.engine import reduce_sums
 from parallel_nn.kernels import interpreter
-from parallel_nn.network import he_init, layer_sizes
-from parallel_nn.optim import Optimizer
+from parallel_nn.nn.network import he_init, layer_sizes
+from parallel_nn.nn.optim import Optimizer
+from parallel_nn.parallel.shards import reduce_sums
 
 BOX_CORES = 8
 NODES = (1, 2, 4, 8, 16)  # x BOX_CORES cores each

@@ -7,7 +7,7 @@ import random
 import statistics
 from pathlib import Path
 
-from parallel_nn import mnist
+from parallel_nn.data import mnist
 
 REAL = Path(__file__).resolve().parent.parent / "datasets" / "mnist"
 

@@ -35,11 +35,12 @@ def measure(train_count: int) -> dict:
     import random
 
     from bench import data
-    from parallel_nn import mnist, network
-    from parallel_nn.engine import SerialTimer
+    from parallel_nn.data import mnist
+    from parallel_nn.nn import network
+    from parallel_nn.parallel.base import SerialTimer
     from parallel_nn.kernels import KIND, interpreter
-    from parallel_nn.local import LocalEngine
-    from parallel_nn.optim import Optimizer
+    from parallel_nn.parallel.local.pool import LocalEngine
+    from parallel_nn.nn.optim import Optimizer
 
     train, test, which = data.load()
     params = network.he_init(SIZES, 0)
@@ -83,7 +84,7 @@ def numpy_epoch(train_count: int) -> dict:
     import numpy as np
 
     from bench import data
-    from parallel_nn.network import he_init
+    from parallel_nn.nn.network import he_init
 
     train, test, _ = data.load()
     X = np.frombuffer(train.images, dtype=np.uint8).reshape(-1, 784)[:train_count].astype(np.float64) / 255

@@ -23,13 +23,14 @@ import time
 import psutil
 
 from bench import data
-from parallel_nn import mnist, network
+from parallel_nn.data import mnist
 from parallel_nn.kernels import interpreter
-from parallel_nn.network import he_init
-from parallel_nn.optim import Optimizer
-from parallel_nn.update import make_update
-from parallel_nn.backends import create_engine
-from parallel_nn.engine import SerialTimer
+from parallel_nn.nn import network
+from parallel_nn.nn.network import he_init
+from parallel_nn.nn.optim import Optimizer
+from parallel_nn.parallel.backends import create_engine
+from parallel_nn.parallel.base import SerialTimer
+from parallel_nn.parallel.update import make_update
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500
@@ -101,7 +102,7 @@ def reduce_seconds_per_part(size: int, parts: int = 8, repeats: int = 10) -> flo
     """The driver's cost to add one more actor's gradient (float64 bytes) into the sum."""
     from array import array
 
-    from parallel_nn.engine import reduce_sums
+    from parallel_nn.parallel.shards import reduce_sums
 
     blobs = [array("d", [random.random() for _ in range(size)]).tobytes() for _ in range(parts)]
     best = float("inf")

@@ -6,11 +6,11 @@ clock around each part of the parent's step, and prints, over the last epoch's s
 and 90th percentile of each part, in ms:
 
     step        Run.one_step, the whole step as the trainer runs it
-    dispatch    the messages to the worker processes (Exchange._dispatch)
+    dispatch    the messages to the worker processes (Exchange._send)
     own shard   the trainer's own shard: decode, forward, backward, its slot (Exchange._own)
     meanwhile   the next step's augmentation, drawn while the workers compute (Run.prefetch)
     collect     waiting for the workers' answers and reading them (Exchange._collect)
-    reduce      the shard sums added (local.reduce_sums)
+    reduce      the shard sums added (shards.reduce_sums, as pool.py calls it)
     update      the optimizer's step and the new weights written for the workers (ParentUpdate.commit)
     events      the listeners: progress line, progress.jsonl, run files (Run.tell)
 
@@ -31,14 +31,16 @@ import time
 import psutil
 
 from bench import data
-from parallel_nn import exchange, local, run, update
 from parallel_nn.kernels import interpreter
-from parallel_nn.train import Config, train
+from parallel_nn.parallel import update
+from parallel_nn.parallel.local import exchange, pool
+from parallel_nn.run import loop
+from parallel_nn.run.train import Config, train
 
-PARTS = [("step", run.Run, "one_step"), ("dispatch", exchange.Exchange, "_dispatch"),
-         ("own shard", exchange.Exchange, "_own"), ("meanwhile", run.Run, "prefetch"),
-         ("collect", exchange.Exchange, "_collect"), ("reduce", local, "reduce_sums"),
-         ("update", update.ParentUpdate, "commit"), ("events", run.Run, "tell")]
+PARTS = [("step", loop.Run, "one_step"), ("dispatch", exchange.Exchange, "_send"),
+         ("own shard", exchange.Exchange, "_own"), ("meanwhile", loop.Run, "prefetch"),
+         ("collect", exchange.Exchange, "_collect"), ("reduce", pool, "reduce_sums"),
+         ("update", update.ParentUpdate, "commit"), ("events", loop.Run, "tell")]
 
 
 def clocked(times: list, function):

@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 import sys
 
-from parallel_nn import cli, mnist, network
+from parallel_nn import cli
+from parallel_nn.data import mnist
+from parallel_nn.nn import network
 
 
 def smooth(epsilon: float) -> None:
@@ -49,7 +51,7 @@ def clean(last: int, argv: list[str]) -> None:
 
 
 def init_gain(gain: float) -> None:
-    import parallel_nn.train as trainer  # the trainer calls he_init by the name it imported
+    import parallel_nn.run.train as trainer  # the trainer calls he_init by the name it imported
 
     def init(sizes, seed):
         factor = math.sqrt(gain / 2.0)  # He's draws, rescaled: only the gain differs

@@ -18,10 +18,11 @@ import random
 import pytest
 
 from bench import textbook
-from parallel_nn import mnist, network
-from parallel_nn.network import he_init, parameter_count
-from parallel_nn.optim import Optimizer
-from parallel_nn.local import LocalEngine as Engine
+from parallel_nn.data import mnist
+from parallel_nn.nn import network
+from parallel_nn.nn.network import he_init, parameter_count
+from parallel_nn.nn.optim import Optimizer
+from parallel_nn.parallel.local.pool import LocalEngine as Engine
 
 SIZES = [784, 32, 32, 10]
 BATCH = 500
@@ -83,7 +84,7 @@ def test_data_parallel_step(benchmark, mnist_data, workers, reduce):
 @pytest.mark.parametrize("traced", [False, True], ids=["off", "on"])
 def test_data_parallel_step_with_tracing(benchmark, mnist_data, traced, tmp_path):
     """--trace's cost: the same 2-worker step with every span recorded and shipped back, or not."""
-    from parallel_nn.trace import NoTracer, Tracer
+    from parallel_nn.parallel.trace import NoTracer, Tracer
 
     train, test, _ = mnist_data
     params = he_init(SIZES, 0)
@@ -138,7 +139,7 @@ def test_parent_writes_the_progress_line(benchmark, tmp_path):
     from types import SimpleNamespace
 
     from parallel_nn.events import StepDone
-    from parallel_nn.steplog import StepLog
+    from parallel_nn.run.steplog import StepLog
 
     log = StepLog(print)
     log.started(SimpleNamespace(run_dir=tmp_path, epoch=0, step=0, steps_per_epoch=120))

@@ -60,7 +60,7 @@ def start_with_pypy_settings(module: str) -> None:
 if __name__ == "__main__":
     start_with_pypy_settings("parallel_nn")
     try:
-        from .cli import main
+        from parallel_nn.cli import main
     except KeyboardInterrupt:  # Ctrl-C while the program is still importing: nothing has started
         sys.exit(130)
     sys.exit(main())

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import UserError, faults
+from parallel_nn import UserError, faults
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -15,14 +15,14 @@ from typing import Optional
 
 import psutil
 
-from . import UserError
-from .optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
-from .backends import BACKENDS
-from .capabilities import START_METHODS
-from .local import REDUCERS
-from .progress import silence, write
-from .rundir import refuse_links, run_files
-from .train import RUNS_ANYWHERE, memory_problem
+from parallel_nn import UserError
+from parallel_nn.capabilities import START_METHODS
+from parallel_nn.nn.optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
+from parallel_nn.parallel.backends import BACKENDS
+from parallel_nn.parallel.local.pool import REDUCERS
+from parallel_nn.run.progress import silence, write
+from parallel_nn.run.rundir import refuse_links, run_files
+from parallel_nn.run.train import RUNS_ANYWHERE, memory_problem
 
 COMMANDS = ("train", "evaluate", "gradcheck", "download", "plot", "serve")
 DEFAULT_DATA = "datasets/mnist"
@@ -242,7 +242,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
             except UserError as e:
                 parser.error(str(e))
         if not args.resume and not args.overwrite and args.run_dir and run_files(args.run_dir):
-            from .train import refusal
+            from parallel_nn.run.train import refusal
 
             parser.error(refusal(args.run_dir))
         if args.ray_address is not None and args.backend != "ray":
@@ -281,7 +281,7 @@ def refuse_fixed_settings(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import Config, Interrupted, train
+    from parallel_nn.run.train import Config, Interrupted, train
 
     known = {f.name for f in fields(Config)}
     config = Config(**{k: v for k, v in vars(args).items() if k in known})
@@ -293,12 +293,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .train import evaluate
+    from parallel_nn.run.train import evaluate
 
     result = evaluate(args.weights, args.data_dir, args.workers, args.start_method, args.limit_test)
     if args.misclassified:
-        from .mnist import load_split
-        from .plot import plot_misclassified
+        from parallel_nn.data.mnist import load_split
+        from parallel_nn.web.plot import plot_misclassified
 
         test_set = load_split(args.data_dir, "t10k").limit(args.limit_test)
         path, wrong = plot_misclassified(test_set.images, test_set.labels, result["predictions"], args.misclassified)
@@ -315,7 +315,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_gradcheck(args: argparse.Namespace) -> int:
-    from .gradcheck import TOLERANCE, check
+    from parallel_nn.nn.gradcheck import TOLERANCE, check
 
     result = check(args.seed)
     verdict = "ok" if result.passed else "FAILED"
@@ -325,14 +325,14 @@ def run_gradcheck(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from .mnist import download
+    from parallel_nn.data.mnist import download
 
     download(args.data_dir)
     return 0
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run_all
+    from parallel_nn.web.plot import plot_run_all
 
     for path in plot_run_all(args.run_dir, args.output):
         print(f"wrote {path}")
@@ -340,7 +340,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from parallel_nn.web.serve import serve
 
     return serve(args.dir, args.host, args.port, args.data_dir, args.verbose)
 

@@ -1,6 +1,6 @@
 """What a run tells its listeners as it goes: the progress line, the run directory's files, the
 trace, and anything else that wants to follow a run (a test's hook, a live page) subscribe here,
-and the training loop (run.py) knows none of them.
+and the training loop (run/loop.py) knows none of them.
 
 A listener defines the methods it needs; the others do nothing. Listeners hear an event in the
 order they were given, so a listener that saves the run comes before one that says it was saved.
@@ -29,7 +29,7 @@ class StepDone:
 
 
 class Listener:
-    """Every event a run emits, as a method that does nothing. `run` is the run.Run emitting it."""
+    """Every event a run emits, as a method that does nothing. `run` is the run/loop.py Run emitting it."""
 
     def started(self, run) -> None:
         """Training begins (or resumes): the engine is up, the weights are in place."""

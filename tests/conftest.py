@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_nn import mnist
+from parallel_nn.data import mnist
 
 REAL_DATA = Path(__file__).resolve().parent.parent / "datasets" / "mnist"
 

@@ -37,7 +37,7 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from parallel_nn.serve import make_server  # noqa: E402
+from parallel_nn.web.serve import make_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,7 +164,7 @@ def seen_image(driver) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def finished_run(tiny_data, tmp_path_factory) -> Path:
     """A tiny real run with a trace: 2 epochs of 12 steps on the synthetic digits."""
-    from parallel_nn.train import Config, train
+    from parallel_nn.run.train import Config, train
 
     root = tmp_path_factory.mktemp("runs")
     train(Config(workers=2, epochs=2, batch_size=100, data_dir=str(tiny_data), run_dir=str(root / "tiny"),
@@ -347,7 +347,7 @@ def test_a_malformed_or_hand_edited_hash(browser, tiny_data, tmp_path):
 
 
 def test_a_reused_run_directory_starts_the_page_over_and_a_deleted_one_is_gone(browser, tiny_data, tmp_path):
-    from parallel_nn.rundir import RunLock
+    from parallel_nn.run.rundir import RunLock
 
     run = tmp_path / "r"
     write_run(run, 30)

@@ -15,28 +15,43 @@ MAX_FUNCTION_LINES = 50
 MAX_CLASS_LINES = 200
 
 
-def imports_of(path: Path) -> set[str]:
-    """The package's modules that `path` imports, at the top or inside a function, in any form:
-    `from . import x`, `from .x import y`, `from parallel_nn import x`, `from parallel_nn.x import y`,
-    `import parallel_nn.x`."""
+def module_name(path: Path) -> str:
+    """parallel_nn/parallel/local/pool.py -> "parallel.local.pool"; a package's __init__.py -> the package."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(source: str, name: str, known: set[str], is_package: bool = False) -> set[str]:
+    """The package's modules that module `name` (its text `source`) imports, at the top or inside a
+    function, in any form: `from parallel_nn import x`, `from parallel_nn.a import x` (x a module
+    or a name in a), `import parallel_nn.a.b`; relative imports resolved from `name`'s package."""
     found = set()
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    for node in ast.walk(ast.parse(path.read_text())):
+    package = [p for p in name.split(".") if p] if is_package else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            absolute = node.level == 0 and (node.module or "").split(".")[0] == "parallel_nn"
-            if node.level == 1 or absolute:
-                parts = (node.module or "").split(".")[1 if absolute else 0 :]
-                if parts and parts[0]:
-                    found.add(parts[0])
-                else:  # from . import x / from parallel_nn import x: x may be a module
-                    found.update(a.name for a in node.names if a.name in modules)
+            if node.level:
+                base = package[: len(package) - node.level + 1] + (node.module or "").split(".")
+            elif (node.module or "").split(".")[0] == "parallel_nn":
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            base = [b for b in base if b]
+            for alias in node.names:
+                whole = ".".join(base + [alias.name])
+                found.add(whole if whole in known else ".".join(base))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("parallel_nn."))
+            found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("parallel_nn."))
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {p.stem: imports_of(p) - {p.stem} for p in PACKAGE.glob("*.py")}
+    known = set(modules())
+    return {name: imports_of(path.read_text(), name, known, path.name == "__init__.py") - {name}
+            for name, path in modules().items()}
 
 
 def cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -68,26 +83,56 @@ def test_the_cycle_finder_finds_a_circle():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
-def test_the_import_reader_sees_every_form(tmp_path):
-    sample = tmp_path / "sample.py"
-    sample.write_text("import parallel_nn.mnist\nfrom parallel_nn import optim, UserError\nfrom parallel_nn.backends import x\n"
-                      "def f():\n    from . import faults\n    from .local import y\n")
-    assert imports_of(sample) == {"mnist", "optim", "backends", "faults", "local"}
+def test_the_import_reader_sees_every_form():
+    text = ("import parallel_nn.data.mnist\nfrom parallel_nn import faults, UserError\nfrom parallel_nn.parallel.backends import x\n"
+            "from parallel_nn.parallel import trace\ndef f():\n    from . import loop\n    from ..nn.network import y\n")
+    known = {"", "faults", "data.mnist", "parallel.backends", "parallel.trace", "run.loop", "nn.network"}
+    assert imports_of(text, "run.sample", known) == {"data.mnist", "faults", "", "parallel.backends", "parallel.trace",
+                                                     "run.loop", "nn.network"}
+
+
+# The rooms, lowest first: a module imports only from its own room or a lower one, so the
+# architecture reads from the bottom up (the package's own modules are the floor; cli the roof).
+LAYERS = ["", "kernels", "nn", "data", "parallel", "run", "web", "cli"]
+
+
+def layer(module: str) -> int:
+    room = module.split(".")[0] if "." in module or module in LAYERS else ""
+    return LAYERS.index("cli" if module == "__main__" else room)
 
 
 def test_the_package_imports_have_no_circle():
     graph = import_graph()
-    assert graph["backends"] >= {"local", "ray_backend"}  # the parser sees function-level imports too
+    assert graph["parallel.backends"] >= {"parallel.local.pool", "parallel.ray.actors"}  # function-level imports too
     assert not cycle(graph), f"import circle: {' -> '.join(cycle(graph))}"
 
 
-def test_the_shared_engine_module_knows_no_backend():
-    assert not import_graph()["engine"] & {"local", "ray_backend", "worker", "ray_worker", "backends"}
+def test_every_room_imports_only_from_itself_or_below():
+    upward = [f"{m} -> {i}" for m, imported in import_graph().items() for i in imported if layer(i) > layer(m)]
+    assert not upward, f"imports that point up ({' < '.join(LAYERS)}): {upward}"
+
+
+def test_the_layers_are_what_the_package_holds():
+    rooms = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert rooms == set(LAYERS) - {"", "cli"}
+    assert layer("web.serve") > layer("run.train") > layer("parallel.local.pool") > layer("nn.network") > layer("atomic")
+
+
+def test_the_package_imports_itself_by_absolute_paths():
+    relative = [f"{name}:{node.lineno}" for name, path in modules().items()
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative, f"relative imports (write `from parallel_nn.<room> import ...`): {relative}"
+
+
+def test_what_every_backend_shares_knows_no_backend():
+    graph = import_graph()
+    for shared in ("parallel.base", "parallel.shards"):
+        assert not {m for m in graph[shared] if m.startswith(("parallel.local", "parallel.ray", "parallel.backends"))}
 
 
 def test_functions_and_classes_are_short():
     long = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             limit = {ast.ClassDef: MAX_CLASS_LINES, ast.FunctionDef: MAX_FUNCTION_LINES}.get(type(node))
             if limit and node.end_lineno - node.lineno + 1 > limit:

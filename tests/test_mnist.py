@@ -5,7 +5,8 @@ import hashlib
 
 import pytest
 
-from parallel_nn import UserError, mnist
+from parallel_nn import UserError
+from parallel_nn.data import mnist
 from tests.conftest import synthetic_split
 
 
@@ -211,7 +212,8 @@ def test_download_with_both_gz_and_unzipped_files(tmp_path, fake_sums):
 
 BOMB_PROBE = """
 import resource, sys
-from parallel_nn import UserError, mnist
+from parallel_nn import UserError
+from parallel_nn.data import mnist
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     mnist.load_split(sys.argv[1], "train")

@@ -6,8 +6,9 @@ import random
 import pytest
 
 from bench import textbook
-from parallel_nn import gradcheck, loops, network, tensor
-from parallel_nn.tensor import SparseMatrix
+from parallel_nn.kernels import loops, tensor
+from parallel_nn.kernels.tensor import SparseMatrix
+from parallel_nn.nn import gradcheck, network
 
 
 def test_gradcheck_passes():

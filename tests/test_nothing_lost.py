@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from bench import textbook
-from parallel_nn import UserError, atomic, mnist, rundir
-from parallel_nn.checkpoint import load_checkpoint, load_model, save_model
+from parallel_nn import UserError, atomic
+from parallel_nn.data import mnist
 from parallel_nn.events import Listener
-from parallel_nn.network import Model, he_init
-from parallel_nn.train import Config, train
+from parallel_nn.nn.network import Model, he_init
+from parallel_nn.run import rundir
+from parallel_nn.run.checkpoint import load_checkpoint, load_model, save_model
+from parallel_nn.run.train import Config, train
 from tests.test_faults import ARGS, Trainer
 from tests.test_parallel import wait_for_workers
 
@@ -171,7 +173,7 @@ def test_a_stopped_worker_is_replaced_and_the_run_ends_bit_identical(tiny_data, 
 
 
 def test_worker_timeout_is_scaled_from_measured_answers():
-    from parallel_nn.engine import Watchdog
+    from parallel_nn.parallel.base import Watchdog
 
     dog = Watchdog(floor=60.0, factor=20.0)
     assert dog.limit("grad") == 60.0
@@ -192,7 +194,7 @@ def test_a_second_ctrl_c_during_a_save_leaves_no_temporary_file(tmp_path, monkey
 
 
 def test_the_checkpoint_is_read_under_the_lock(tiny_data, tmp_path, monkeypatch):
-    from parallel_nn import train as train_module
+    from parallel_nn.run import train as train_module
 
     train(config(tiny_data, tmp_path / "run", epochs=1))
     holders = []
@@ -208,7 +210,7 @@ def test_the_checkpoint_is_read_under_the_lock(tiny_data, tmp_path, monkeypatch)
 
 
 def test_a_failed_start_leaves_nothing(tiny_data, tmp_path, monkeypatch):
-    from parallel_nn.local import LocalEngine
+    from parallel_nn.parallel.local.pool import LocalEngine
 
     def cannot(self):
         raise UserError("no shared memory here")
@@ -595,10 +597,11 @@ def test_json_nested_too_deeply_is_one_line(tiny_data, tmp_path):
 
 def test_the_trainer_reads_back_its_own_progress_file_whatever_its_size(tmp_path, monkeypatch):
     """A resume cuts progress.jsonl back to its checkpoint; the server's read limit is not the trainer's."""
-    from parallel_nn import steplog
+    from parallel_nn import files
+    from parallel_nn.run import steplog
 
     path = tmp_path / "progress.jsonl"
     path.write_text("".join(json.dumps({"i": i, "loss": 1.0}) + "\n" for i in range(100)))
-    monkeypatch.setattr(steplog, "MAX_FILE_BYTES", 100)  # far below the file
+    monkeypatch.setattr(files, "MAX_FILE_BYTES", 100)  # far below the file
     steplog.cut_back(path, 40)
     assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == list(range(40))

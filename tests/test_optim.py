@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from parallel_nn.optim import Optimizer, learning_rate
+from parallel_nn.nn.optim import Optimizer, learning_rate
 
 
 def test_sgd_and_weight_decay():

@@ -14,14 +14,16 @@ import time
 import psutil
 import pytest
 
-from parallel_nn import faults, mnist
+from parallel_nn import faults
 from parallel_nn.__main__ import pypy_settings
-from parallel_nn.network import he_init
-from parallel_nn.optim import Optimizer
-from parallel_nn.engine import WorkerCrashed, shard
+from parallel_nn.data import mnist
 from parallel_nn.events import Listener
-from parallel_nn.local import LocalEngine as Engine
-from parallel_nn.train import Config, train
+from parallel_nn.nn.network import he_init
+from parallel_nn.nn.optim import Optimizer
+from parallel_nn.parallel.base import WorkerCrashed
+from parallel_nn.parallel.local.pool import LocalEngine as Engine
+from parallel_nn.parallel.shards import shard
+from parallel_nn.run.train import Config, train
 
 SIZES = [784, 32, 32, 10]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +119,7 @@ def test_workers_that_keep_dying_stop_the_run_with_a_resumable_checkpoint(tiny_d
     assert shm_segments() <= before
     train(Config(**base), resume=str(tmp_path / "crash"))
     train(Config(run_dir=str(tmp_path / "straight"), **base))
-    from parallel_nn.checkpoint import load_model
+    from parallel_nn.run.checkpoint import load_model
     assert load_model(tmp_path / "crash").params == load_model(tmp_path / "straight").params
 
 
@@ -157,7 +159,7 @@ def test_ctrl_c_to_the_process_group_saves_and_exits_130(tiny_data, tmp_path, me
     assert not [p for p in psutil.process_iter(["pid"]) if _in_group(p, pgid)]
     assert shm_segments() <= before
     # and the printed --resume command finishes the run (here cut short to one more epoch)
-    from parallel_nn.checkpoint import load_checkpoint
+    from parallel_nn.run.checkpoint import load_checkpoint
     epoch = load_checkpoint(tmp_path / "run" / "checkpoint.json")[1]["epoch"]
     done = subprocess.run([sys.executable, "-m", "parallel_nn", "--resume", str(tmp_path / "run"), "--epochs", str(epoch + 1),
                            "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -207,9 +209,10 @@ def test_real_data_process_tree_memory_with_8_workers(real_data):
     workers and counted too."""
     script = f"""
 import os, psutil
-from parallel_nn import faults, mnist
-from parallel_nn.network import he_init
-from parallel_nn.local import LocalEngine as Engine
+from parallel_nn import faults
+from parallel_nn.data import mnist
+from parallel_nn.nn.network import he_init
+from parallel_nn.parallel.local.pool import LocalEngine as Engine
 if __name__ == "__main__":
     train_set, test_set = mnist.load({str(real_data)!r})
     engine = Engine({SIZES}, train_set, test_set, 8)
@@ -352,7 +355,7 @@ def test_a_long_worker_error_is_reported_at_once_in_broadcast_mode(tiny_splits, 
     """A traceback larger than a pipe's buffer must not stall the worker that sends it: the parent
     hears of the failure on the bell and reads it (the forked workers inherit the patched hook)."""
     from parallel_nn import faults
-    from parallel_nn.engine import Watchdog, WorkerError
+    from parallel_nn.parallel.base import Watchdog, WorkerError
 
     def fail(phase):
         if phase == "compute":
@@ -369,8 +372,35 @@ def test_a_long_worker_error_is_reported_at_once_in_broadcast_mode(tiny_splits, 
         assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize("reduce", ["parent", "workers", "sharded"])
+def test_each_reduce_mode_makes_what_it_needs_and_no_more(tiny_splits, reduce):
+    """modes.py says what a mode needs; the pool makes exactly that, and a step goes out posted in
+    the mailbox exactly when the workers add up (untraced), piped otherwise; evaluations are piped."""
+    from parallel_nn.parallel.local.modes import MODES
+
+    mode = MODES[reduce]
+    train_set, test_set = tiny_splits
+    with Engine(SIZES, train_set, test_set, 2, "fork", reduce=reduce) as engine:
+        engine.set_params(he_init(SIZES, 0))
+        made = set(engine.pool.segments)
+        wanted = {"params", "slots", "data"} | {name for name, needed in [("reduced", mode.reduced), ("mailbox", mode.workers_add),
+                                                                            ("state", mode.workers_update)] if needed}
+        assert made - {"lanes"} == wanted
+        assert {"parent": {"params", "slots", "data"}, "workers": {"params", "slots", "data", "reduced", "mailbox"},
+                "sharded": {"params", "slots", "data", "mailbox", "state"}}[reduce] == wanted
+        assert len(engine.pool.weights) == mode.buffers == (2 if reduce == "sharded" else 1)
+        if reduce == "sharded":
+            engine.set_state("sgd", {})
+            engine.step(range(50), None, 0.1, 1 / 50, 1, ("sgd", 0.0, 0.0))
+        else:
+            engine.gradient(range(50))
+        assert engine.exchange.transport is (engine.exchange.posted if mode.workers_add else engine.exchange.piped)
+        engine.evaluate()
+        assert engine.exchange.transport is engine.exchange.piped
+
+
 def test_a_worker_s_answer_is_packed_and_read_back_whole():
-    from parallel_nn.mailbox import decode_reply, encode_error, encode_reply
+    from parallel_nn.parallel.local.mailbox import decode_reply, encode_error, encode_reply
     assert decode_reply(encode_reply(12.5, 431, [])) == ("ok", 12.5, 431, [])
     predictions = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert decode_reply(encode_reply(3.25, predictions, [])) == ("ok", 3.25, predictions, [])

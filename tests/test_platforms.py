@@ -70,14 +70,14 @@ def linux_run(tiny_data, tmp_path_factory) -> bytes:
 def test_the_emulation_takes_the_capabilities_away():
     probe = ("import os, signal, multiprocessing as mp\n"
              "try:\n    import fcntl; f = True\nexcept ImportError:\n    f = False\n"
-             "from parallel_nn import capabilities, shm, rundir\n"
+             "from parallel_nn import capabilities\nfrom parallel_nn.parallel.local import shm\nfrom parallel_nn.run import rundir\n"
              "print(hasattr(os, 'memfd_create'), f, hasattr(signal, 'SIGHUP'), hasattr(signal, 'pthread_sigmask'),"
              " ','.join(mp.get_all_start_methods()), mp.get_start_method(), shm.KIND, rundir.fcntl is None)")
     seen = {p: subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env_for(p), capture_output=True, text=True,
                               check=True).stdout.split() for p in PLATFORMS}
     assert seen["macos"] == ["False", "True", "True", "True", "fork,spawn,forkserver", "spawn", "posix", "False"]
     assert seen["windows"] == ["False", "False", "False", "False", "spawn", "spawn", "posix", "True"]
-    cap = "from parallel_nn import capabilities, worker; print(capabilities.SELECT_PIPES)"
+    cap = "from parallel_nn import capabilities; from parallel_nn.parallel.local import worker; print(capabilities.SELECT_PIPES)"
     assert [subprocess.run([sys.executable, "-c", cap], cwd=ROOT, env=env_for(p), capture_output=True, text=True,
                            check=True).stdout.strip() for p in PLATFORMS] == ["True", "False"]
 
@@ -176,7 +176,7 @@ class FakeTerminal:
 
 @pytest.mark.parametrize("term, ansi", [("dumb", False), ("xterm-256color", True)])
 def test_the_live_line_is_cleared_without_escapes_where_the_terminal_has_none(monkeypatch, term, ansi):
-    from parallel_nn.progress import Progress
+    from parallel_nn.run.progress import Progress
 
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
@@ -236,8 +236,8 @@ def test_make_finds_the_interpreters_without_readlink_f(tmp_path):
 def test_a_start_that_fails_for_want_of_shared_memory_writes_nothing(monkeypatch, tiny_data, tmp_path):
     """What a platform without the shared memory the engine asks for used to leave behind (config.json
     and .lock, so the same --run-dir was then refused): now nothing."""
-    from parallel_nn import shm
-    from parallel_nn.train import Config, train
+    from parallel_nn.parallel.local import shm
+    from parallel_nn.run.train import Config, train
 
     def no_memory(size):
         raise OSError(38, "Function not implemented")

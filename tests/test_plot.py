@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from parallel_nn import UserError, plot
+from parallel_nn import UserError
+from parallel_nn.web import plot
 
 METRICS = [{"epoch": e, "train_loss": 1 / e, "test_loss": 1.1 / e, "train_accuracy": 0.9, "test_accuracy": 0.89 + e / 100,
             "workers": 2} for e in (1, 2, 3)]

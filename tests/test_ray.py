@@ -25,16 +25,16 @@ import uuid
 import psutil
 import pytest
 
-from parallel_nn import ray_backend
+from parallel_nn.parallel.ray import actors
 
-ray_backend.loopback_environment()  # before Ray is imported: every process it starts uses 127.0.0.1
+actors.loopback_environment()  # before Ray is imported: every process it starts uses 127.0.0.1
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; CPython only)")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from parallel_nn.local import LocalEngine  # noqa: E402
-from parallel_nn.network import he_init  # noqa: E402
-from parallel_nn.optim import Optimizer  # noqa: E402
-from parallel_nn.ray_backend import RayEngine  # noqa: E402
+from parallel_nn.nn.network import he_init  # noqa: E402
+from parallel_nn.nn.optim import Optimizer  # noqa: E402
+from parallel_nn.parallel.local.pool import LocalEngine  # noqa: E402
+from parallel_nn.parallel.ray.actors import RayEngine  # noqa: E402
 
 SIZES = [784, 32, 32, 10]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,9 +191,9 @@ def test_a_private_instance_is_loopback_only_and_leaves_nothing(tiny_data):
 import json, os, sys
 sys.path.insert(0, "tests")
 from test_ray import SIZES, non_loopback_connections, ray_pids
-from parallel_nn import mnist
-from parallel_nn.network import he_init
-from parallel_nn.ray_backend import RayEngine
+from parallel_nn.data import mnist
+from parallel_nn.nn.network import he_init
+from parallel_nn.parallel.ray.actors import RayEngine
 train_set, test_set = mnist.load({str(tiny_data)!r})
 before = ray_pids()
 with RayEngine(SIZES, train_set, test_set, 2) as engine:
@@ -344,13 +344,13 @@ def test_an_actor_that_stops_answering_is_replaced_and_the_run_ends_bit_identica
 import json, os, signal, sys
 sys.path.insert(0, "tests")
 from test_ray import SIZES, non_loopback_connections, ray_pids
-from parallel_nn import mnist
-from parallel_nn.engine import Watchdog
-from parallel_nn.network import he_init
-from parallel_nn.optim import Optimizer
-from parallel_nn import ray_backend
-from parallel_nn.ray_backend import RayEngine
-ray_backend.REPLACE_WAIT = 60.0  # a replacement's start takes ~8 s on a busy 2-core machine: never shrink here
+from parallel_nn.data import mnist
+from parallel_nn.nn.network import he_init
+from parallel_nn.nn.optim import Optimizer
+from parallel_nn.parallel.base import Watchdog
+from parallel_nn.parallel.ray import actors
+from parallel_nn.parallel.ray.actors import RayEngine
+actors.REPLACE_WAIT = 60.0  # a replacement's start takes ~8 s on a busy 2-core machine: never shrink here
 train_set, test_set = mnist.load({str(tiny_data)!r})
 warnings = []
 
@@ -417,7 +417,7 @@ print(json.dumps(result))
 
 def test_a_lost_node_shrinks_the_run_and_a_new_node_grows_it_back(cluster, tiny_splits, monkeypatch):
     """Runs last: it takes a node away and adds another."""
-    monkeypatch.setattr(ray_backend, "REPLACE_WAIT", 3.0)
+    monkeypatch.setattr(actors, "REPLACE_WAIT", 3.0)
     train_set, test_set = tiny_splits
     warnings = []
     params = he_init(SIZES, 0)

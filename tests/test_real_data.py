@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from bench import textbook
-from parallel_nn import mnist
-from parallel_nn.checkpoint import load_model, save_model
-from parallel_nn.network import Model, he_init
-from parallel_nn.train import Config, train
+from parallel_nn.data import mnist
+from parallel_nn.nn.network import Model, he_init
+from parallel_nn.run.checkpoint import load_model, save_model
+from parallel_nn.run.train import Config, train
 
 
 def test_real_data_loads_and_matches_its_checksums(real_data):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_nn import rundir
+from parallel_nn.run import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from parallel_nn import api, inference, mnist, steplog
-from parallel_nn.train import Config, evaluate, train
-from parallel_nn.serve import loopback, make_server
+from parallel_nn import files
+from parallel_nn.data import mnist
+from parallel_nn.run import steplog
+from parallel_nn.run.train import Config, evaluate, train
+from parallel_nn.web import api, inference
+from parallel_nn.web.serve import loopback, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_KEYS = {"i", "epoch", "step", "steps", "loss", "accuracy", "examples_per_second", "time"}
@@ -843,7 +846,7 @@ def test_a_fifo_or_a_device_is_not_even_opened(tmp_path, monkeypatch):
     monkeypatch.setattr(steplog.os, "open", recorded_open)
     for path in (fifo, Path(os.devnull)):
         with pytest.raises(OSError, match="not a regular file"):
-            steplog.read_limited(path)
+            files.read_limited(path)
     assert opened == []
 
     def looked_at_before(path, *args, **kw):  # the FIFO was a regular file when it was looked at
@@ -851,12 +854,12 @@ def test_a_fifo_or_a_device_is_not_even_opened(tmp_path, monkeypatch):
 
     monkeypatch.setattr(steplog.os, "stat", looked_at_before)
     with pytest.raises(OSError, match="not a regular file"):
-        steplog.read_limited(fifo)
+        files.read_limited(fifo)
     assert opened == [str(fifo)]
 
 
 def test_json_files_over_the_limit_are_refused(served, monkeypatch):
-    monkeypatch.setattr(steplog, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(files, "MAX_FILE_BYTES", 1000)
     served.server.cache.models.clear()  # read again, not the weights an earlier test had read
     status, _, body = served.request("GET", "/api/runs/done/filters")
     assert status == 404 and "larger than the 1,000 bytes" in body["error"]
@@ -890,28 +893,28 @@ def test_small_files_are_read_without_asking_for_the_limit(tmp_path, monkeypatch
     """PyPy allocates all that read() is asked for: 256 MB for each small JSON file made GET /api/runs
     take 3 s for 10 runs. read() is asked for what the file holds and one byte more, then for what it grew by."""
     asked, grow = [], []
-    real_open = steplog.open_regular
-    monkeypatch.setattr(steplog, "open_regular",
+    real_open = files.open_regular
+    monkeypatch.setattr(files, "open_regular",
                         lambda path, inside=None: MeasuredFile(path, real_open(path, inside), asked,
                                                                grow.pop() if grow else b""))
     (tmp_path / "small.json").write_bytes(b'{"x": 1}')
-    assert steplog.read_limited(tmp_path / "small.json", tmp_path) == b'{"x": 1}' and asked == [9]
+    assert files.read_limited(tmp_path / "small.json", tmp_path) == b'{"x": 1}' and asked == [9]
     (tmp_path / "empty.json").write_bytes(b"")
     asked.clear()
-    assert steplog.read_limited(tmp_path / "empty.json") == b"" and asked == [1]
+    assert files.read_limited(tmp_path / "empty.json") == b"" and asked == [1]
     (tmp_path / "big.json").write_bytes(b"x" * 5000)
     asked.clear()
     with pytest.raises(OSError, match="larger than the 1,000 bytes"):
-        steplog.read_limited(tmp_path / "big.json", limit=1000)
+        files.read_limited(tmp_path / "big.json", limit=1000)
     assert asked == []  # its size says so: nothing read (a 300 MB metrics.jsonl made every request read 256 MB)
     (tmp_path / "growing.jsonl").write_bytes(b"1\n")  # a line comes between the open and the read
     asked.clear()
     grow.append(b"2\n" * 10)
-    assert steplog.read_limited(tmp_path / "growing.jsonl") == b"1\n" + b"2\n" * 10
+    assert files.read_limited(tmp_path / "growing.jsonl") == b"1\n" + b"2\n" * 10
     assert asked[0] == 3 and max(asked) <= 1 << 20
     grow.append(b"3" * 2000)
     with pytest.raises(OSError, match="larger than the 1,000 bytes"):
-        steplog.read_limited(tmp_path / "growing.jsonl", limit=1000)
+        files.read_limited(tmp_path / "growing.jsonl", limit=1000)
 
 
 def test_a_link_swapped_in_after_the_check_is_not_opened(tmp_path, monkeypatch):
@@ -923,7 +926,7 @@ def test_a_link_swapped_in_after_the_check_is_not_opened(tmp_path, monkeypatch):
     (run / "progress.jsonl").symlink_to(tmp_path / "outside.jsonl")
     monkeypatch.setattr(steplog.os.path, "realpath", lambda p: str(p))  # the check saw the run's own file
     with pytest.raises(OSError):
-        steplog.read_limited(run / "progress.jsonl", run)
+        files.read_limited(run / "progress.jsonl", run)
 
 
 @pytest.mark.parametrize("trace", [
@@ -1043,7 +1046,7 @@ def test_errors_name_no_server_path(runs, page, tmp_path):
 
 
 def test_the_weights_cache_keeps_a_few_runs(runs, tmp_path):
-    from parallel_nn.inference import Cache
+    from parallel_nn.web.inference import Cache
 
     cache = Cache(str(tmp_path))
     for k in range(12):
@@ -1090,7 +1093,7 @@ def test_host_names_accepted_while_on_the_loopback(served):
 
 
 def test_listening_everywhere_prints_a_url_to_open(runs, tiny_data, monkeypatch, capsys):
-    from parallel_nn import serve as serve_module
+    from parallel_nn.web import serve as serve_module
 
     def interrupted(self, poll_interval=0.5):
         raise KeyboardInterrupt
@@ -1108,7 +1111,7 @@ def test_listening_everywhere_prints_a_url_to_open(runs, tiny_data, monkeypatch,
 def test_a_test_set_file_deleted_after_it_was_found_is_no_500(tiny_data, tmp_path, monkeypatch):
     """The cache stamps the files it found; one deleted just before its stamp is taken stamps as
     absent (the load that follows says what is missing) instead of raising: a 500."""
-    from parallel_nn.inference import Cache
+    from parallel_nn.web.inference import Cache
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

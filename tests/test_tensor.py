@@ -8,8 +8,8 @@ from array import array
 
 import pytest
 
-from parallel_nn import lanes, loops, tensor
-from parallel_nn.tensor import SparseMatrix
+from parallel_nn.kernels import lanes, loops, tensor
+from parallel_nn.kernels.tensor import SparseMatrix
 
 
 def rand_matrix(rows, cols, rng, zeros=0.0):

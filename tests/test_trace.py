@@ -11,8 +11,8 @@ from collections import defaultdict
 
 import pytest
 
-from parallel_nn import trace
-from parallel_nn.train import Config, train
+from parallel_nn.parallel import trace
+from parallel_nn.run.train import Config, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_a_trace_interrupted_by_ctrl_c_is_still_valid(tiny_data, tmp_path):
 
 def test_plot_draws_the_timeline_and_the_step_breakdown(tiny_data, tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
-    from parallel_nn.plot import plot_run_all, step_breakdown
+    from parallel_nn.web.plot import plot_run_all, step_breakdown
 
     events = run_traced(tiny_data, tmp_path, workers=2)
     written = plot_run_all(str(tmp_path / "run"))

@@ -8,10 +8,11 @@ import sys
 import pytest
 
 from bench import textbook
-from parallel_nn import UserError, mnist
-from parallel_nn.checkpoint import load_checkpoint, load_model, save_model
-from parallel_nn.network import Model, he_init
-from parallel_nn.train import Config, evaluate, train
+from parallel_nn import UserError
+from parallel_nn.data import mnist
+from parallel_nn.nn.network import Model, he_init
+from parallel_nn.run.checkpoint import load_checkpoint, load_model, save_model
+from parallel_nn.run.train import Config, evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +85,7 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("workers, rotate", [(1, 0), (3, 10)])
 def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path, workers, rotate):
-    from parallel_nn.train import Interrupted
+    from parallel_nn.run.train import Interrupted
 
     train(config(tiny_data, tmp_path / "straight", epochs=2, workers=workers, rotate=rotate))
     assert json.loads((tmp_path / "straight" / "config.json").read_text())["rotate"] == rotate

@@ -4,8 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parallel_nn.local import LocalEngine
-from parallel_nn.network import he_init
+from parallel_nn.nn.network import he_init
+from parallel_nn.parallel.local.pool import LocalEngine
 from tutorial.minimal import SIZES, Pool
 
 ROOT = Path(__file__).resolve().parent.parent

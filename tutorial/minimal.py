@@ -11,14 +11,15 @@ shard itself, checkpoints. Here there is only the step:
 2. The parent splits the mini-batch into one contiguous shard per worker and sends each worker its
    shard's example numbers through a pipe: a few hundred bytes per step.
 3. Each worker computes the *sum* of its examples' gradients with the network's own forward and
-   backward passes (parallel_nn/network.py) and writes it into its own slot of a second shared
+   backward passes (parallel_nn/nn/network.py) and writes it into its own slot of a second shared
    array; it answers with its summed loss and number correct.
 4. The parent adds the slots in worker order (a fixed order: the same worker count gives the same
    bits every time) and applies plain SGD: w <- w - lr * (sum / batch size).
 
-tests/test_tutorial.py holds this file's weights to the trainer's (parallel_nn.local.LocalEngine)
-after several steps. Read next: parallel_nn/engine.py (the shards and the reduction),
-parallel_nn/local.py (the pool of processes) and parallel_nn/worker.py (a worker's loop).
+tests/test_tutorial.py holds this file's weights to the trainer's (parallel_nn.parallel.local.pool.LocalEngine)
+after several steps. Read next: parallel_nn/parallel/shards.py (the shards and the reduction),
+parallel_nn/parallel/local/pool.py (the pool of processes) and parallel_nn/parallel/local/worker.py
+(a worker's loop); docs/design.md#layout maps the rest.
 bench/textbook.py is the plain single-process reference it all started from.
 """
 
@@ -33,9 +34,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from parallel_nn import UserError, mnist  # noqa: E402 (after the path is set)
-from parallel_nn.engine import shard  # noqa: E402
-from parallel_nn.network import backward, flatten, forward, he_init, parameter_count, predict, unflatten  # noqa: E402
+from parallel_nn import UserError
+from parallel_nn.data import mnist  # noqa: E402 (after the path is set)
+from parallel_nn.nn.network import backward, flatten, forward, he_init, parameter_count, predict, unflatten  # noqa: E402
+from parallel_nn.parallel.shards import shard  # noqa: E402
 
 SIZES = [mnist.PIXELS, 32, 32, mnist.CLASSES]
 
