@@ -4,10 +4,13 @@ the documented flag table is the command line's."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "parallel_nn"
@@ -183,3 +186,19 @@ def test_the_readme_is_a_front_page_and_its_links_resolve():
             assert linked.exists(), f"{page.name} links to {target}, which does not exist"
             if anchor:
                 assert anchor in anchors(linked), f"{page.name} links to {target}#{anchor}: no such heading"
+
+
+def test_the_design_page_s_example_runs(tmp_path):
+    """docs/design.md's listener example, as a reader would paste it (real MNIST, linked in)."""
+    real = ROOT / "datasets" / "mnist"
+    if not (real / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("real MNIST not present (run `make datasets`)")
+    page = (ROOT / "docs" / "design.md").read_text()
+    example = re.search(r"```python\n(.*?)```", page, re.S)[1]
+    assert "from parallel_nn" in example and "train(" in example
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "mnist").symlink_to(real)
+    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"4 steps; last loss [\d.]+\n", done.stdout)
