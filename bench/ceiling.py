@@ -165,7 +165,14 @@ def main() -> None:
     args = parser.parse_args()
     cores = psutil.cpu_count(logical=False) or 1
     doubling = [w for w in (1, 2, 4, 8, 16, 32, 64) if w < cores] + [cores]
-    counts = [int(w) for w in args.workers.split(",")] if args.workers else doubling
+    try:
+        counts = [int(w) for w in args.workers.split(",")] if args.workers else doubling
+    except ValueError:
+        parser.error(f"--workers {args.workers}: comma-separated whole numbers, e.g. 1,2")
+    if min(counts) < 1 or len(set(counts)) != len(counts):
+        parser.error("--workers: each count at least 1, and each once")
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1")
     lines = table(counts, args.steps, args.rounds, args.reduce)
     data.report(lines, args.markdown)
 

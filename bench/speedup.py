@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs a run, the first left out (default: %(default)s)")
     parser.add_argument("--backends", default="local", help="comma-separated: local, ray (default: %(default)s)")
     parser.add_argument("--plain-steps", type=int, default=30, help="steps of the plain processes timed after each "
-                        "round, for what the machine gives W processes at that moment; 0: none (default: %(default)s)")
+                        "round, for what the machine gives W processes at that moment (always the default model and "
+                        "batch on datasets/mnist: the trainer's flags after -- do not reach them); 0: none (default: %(default)s)")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table here")
     args = parser.parse_args(argv)
     owned = [a for a in extra if a.split("=")[0] in OWNED]

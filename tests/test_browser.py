@@ -1,4 +1,4 @@
-"""The live page (parallel_nn/page/) in a real browser: headless Chromium driven by Selenium, against
+"""The live page (parallel_nn/web/page/) in a real browser: headless Chromium driven by Selenium, against
 the real server (serve.make_server, in this process, on 127.0.0.1) over real runs.
 
 Skipped unless Selenium (the dev extra), Chromium and its driver are installed (Debian:

@@ -100,3 +100,10 @@ def test_the_ceiling_runs_for_real():
     rows = re.findall(r"^\| ([12]) \|.*\| ([\d.]+) \([\d.]+-[\d.]+\) \| ([\d.]+) \([\d.]+-[\d.]+\) \|$", done.stdout, re.M)
     assert [r[0] for r in rows] == ["1", "2"] and rows[0][1:] == ("1.00", "1.00")
     assert float(rows[1][1]) > 0 and float(rows[1][2]) > 0
+
+
+@pytest.mark.parametrize("args", [["--workers", "x"], ["--workers", "0"], ["--workers", "1,1"], ["--rounds", "0"],
+                                  ["--steps", "0"]])
+def test_the_ceiling_s_bad_flags_are_one_line(args):
+    done = subprocess.run([sys.executable, "-m", "bench.ceiling", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("ceiling.py: error:")

@@ -624,7 +624,7 @@ function drawCurves() {
 
 // ---- the timeline of a few traced steps (a Gantt chart, as a profiler shows) --------------------
 
-// The colours of docs/timeline.png (parallel_nn/plot.py), so the page and the pictures agree.
+// The colours of docs/timeline.png (parallel_nn/web/plot.py), so the page and the pictures agree.
 const PHASE_COLOURS = {
   "dispatch": "#f58518", "write slot": "#f58518", "serialise": "#f58518",
   "wait": "#d0d0d0", "barrier": "#a0a0a0",
