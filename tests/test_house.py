@@ -188,7 +188,7 @@ def test_the_readme_is_a_front_page_and_its_links_resolve():
                 assert anchor in anchors(linked), f"{page.name} links to {target}#{anchor}: no such heading"
 
 
-def test_the_design_page_s_example_runs(tmp_path):
+def test_the_design_page_s_example_runs_on_real_data(tmp_path):
     """docs/design.md's listener example, as a reader would paste it (real MNIST, linked in)."""
     real = ROOT / "datasets" / "mnist"
     if not (real / "train-images-idx3-ubyte.gz").exists():
