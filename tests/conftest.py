@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,24 @@ import pytest
 from parallel_nn.data import mnist
 
 REAL_DATA = Path(__file__).resolve().parent.parent / "datasets" / "mnist"
+
+
+def pytest_configure(config):
+    """A test run ended by SIGTERM or SIGHUP (a CI timeout, a closed terminal) unwinds as Ctrl-C
+    does, so fixtures' teardowns run: without it the browser tests' chromedriver and Chromium
+    outlive pytest. Only in pytest's own process: a process forked from it goes as it would."""
+    session = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != session:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) == signal.SIG_DFL:
+            signal.signal(getattr(signal, name), interrupt)
 
 
 def synthetic_split(count: int, seed: int) -> mnist.Split:

@@ -81,11 +81,10 @@ class WorkerPool:
 
     def __init__(self, context, sizes: Sequence[int], workers: int, reduce: str, pixels: int,
                  gather: Callable[[PipeBarrier], None]):
-        self.context, self.sizes, self.workers, self.reduce, self.pixels = context, list(sizes), workers, reduce, pixels
+        self.context, self.sizes, self.workers, self.pixels = context, list(sizes), workers, pixels
         self.mode = MODES[reduce]
         self.gather = gather
         self.size = parameter_count(sizes)
-        self.buffers = self.mode.buffers
         self.segments: dict[str, Segment] = {}
         self.procs: dict[int, object] = {}
         self.conns: dict[int, object] = {}
@@ -104,12 +103,12 @@ class WorkerPool:
         for blob in blobs:
             self.layout.append((offset, len(blob)))
             offset += len(blob)
-        self.segments["params"] = Segment(8 * self.size * self.buffers)
+        self.segments["params"] = Segment(8 * self.size * self.mode.buffers)
         self.segments["slots"] = Segment(8 * self.size * self.workers)
         if self.mode.reduced:
             self.segments["reduced"] = Segment(8 * self.size)
         if self.mode.workers_update:
-            self.segments["state"] = Segment(8 * self.size * self.buffers * STATE_SLOTS)
+            self.segments["state"] = Segment(8 * self.size * self.mode.buffers * STATE_SLOTS)
         if self.mode.workers_add:
             self.segments["mailbox"] = Segment(Mailbox.size(self.workers, self.layout[1][1], AUGMENT_BYTES))
         if self.shares_lanes:
@@ -119,7 +118,7 @@ class WorkerPool:
         for (start, length), blob in zip(self.layout, blobs):
             data[start : start + length] = blob
         del data, blobs
-        self.weights = slot_views(self.segments["params"].buf, self.size, self.buffers)
+        self.weights = slot_views(self.segments["params"].buf, self.size, self.mode.buffers)
         self.weights = [view.cast("d") for view in self.weights]
         self.slots = slot_views(self.segments["slots"].buf, self.size, self.workers)
         if self.mode.reduced:
@@ -127,15 +126,15 @@ class WorkerPool:
         if self.mode.workers_add:
             self.mailbox = Mailbox(self.segments["mailbox"].buf, self.workers)
         if self.mode.workers_update:
-            vectors = slot_views(self.segments["state"].buf, self.size, self.buffers * STATE_SLOTS)
-            self.state = [[v.cast("d") for v in vectors[b * STATE_SLOTS : (b + 1) * STATE_SLOTS]] for b in range(self.buffers)]
+            vectors = slot_views(self.segments["state"].buf, self.size, self.mode.buffers * STATE_SLOTS)
+            self.state = [[v.cast("d") for v in vectors[b * STATE_SLOTS : (b + 1) * STATE_SLOTS]] for b in range(self.mode.buffers)]
         self.spec = {
             "segments": {key: seg.handle() for key, seg in self.segments.items()},
             "sizes": self.sizes,
             "layout": self.layout,
             "pixels": self.pixels,
             "workers": self.workers,
-            "reduce": self.reduce,
+            "reduce": self.mode.name,
             "trainer": (os.getpid(), psutil.Process().create_time()),  # party 0 of the workers' barriers
         }
         self.shared = SharedViews(self.segments, self.spec, 0)  # worker 0's views: the trainer's own
